@@ -1,0 +1,159 @@
+// combine and its two backward companions, scatter_rows and slot_dot. Every output element is
+// written by exactly one thread in a fixed order: no atomics, bitwise repeatable.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/index_checks.h"
+
+namespace sparsemoe {
+namespace {
+
+int64_t token_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
+
+void check_rows_and_slot(const at::Tensor& rows, const char* rows_name, const at::Tensor& slot) {
+  check_rank(rows, rows_name, 2, "[N, d]");
+  check_floating(rows, rows_name);
+  check_rank(slot, "slot", 2, "[T, k]");
+  check_index(slot, "slot");
+  check_same_device(rows, rows_name, slot, "slot");
+}
+
+at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
+                       const std::optional<at::Tensor>& weights_in) {
+  check_rows_and_slot(rows_in, "rows", slot_in);
+  if (weights_in) check_row_weights(*weights_in, slot_in, rows_in, "rows");
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor slot = slot_in.contiguous();
+  check_slot_values(slot, rows.size(0));
+  const int64_t T = slot.size(0), k = slot.size(1), d = rows.size(1);
+  at::Tensor out = at::empty({T, d}, rows.options());
+  const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "combine", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* y = rows.data_ptr<scalar_t>();
+    const int64_t* sl = slot.data_ptr<int64_t>();
+    const acc_t* w = weights.defined() ? weights.data_ptr<acc_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, token_grain(d), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> acc(d);
+      for (int64_t t = b; t < e; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t s = sl[t * k + j];
+          if (s < 0) continue;
+          const acc_t wj = w ? w[t * k + j] : acc_t(1);
+          const scalar_t* yr = y + s * d;
+          for (int64_t i = 0; i < d; ++i) acc[i] += wj * static_cast<acc_t>(yr[i]);
+        }
+        scalar_t* orow = o + t * d;
+        for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
+                            const std::optional<at::Tensor>& weights_in, int64_t num_rows) {
+  check_rows_and_slot(src_in, "src", slot_in);
+  check_size(slot_in, "slot", 0, src_in.size(0), "T, the tokens of src");
+  TORCH_CHECK(num_rows >= 0, "num_rows: expected >= 0, got ", num_rows);
+  if (weights_in) check_row_weights(*weights_in, slot_in, src_in, "src");
+  const at::Tensor src = src_in.contiguous();
+  const at::Tensor slot = slot_in.contiguous();
+  check_slot_values(slot, num_rows);
+  // Two picks writing one row would race: reject it instead of returning a thread-dependent sum.
+  {
+    std::vector<char> used(num_rows, 0);
+    const int64_t* sl = slot.data_ptr<int64_t>();
+    for (int64_t i = 0; i < slot.numel(); ++i) {
+      if (sl[i] < 0) continue;
+      TORCH_CHECK(!used[sl[i]], "slot: expected distinct rows (each buffer row belongs to one pick), row ",
+                  sl[i], " appears twice");
+      used[sl[i]] = 1;
+    }
+  }
+  const int64_t T = slot.size(0), k = slot.size(1), d = src.size(1);
+  at::Tensor out = at::zeros({num_rows, d}, src.options());
+  const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scatter_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = src.data_ptr<scalar_t>();
+    const int64_t* sl = slot.data_ptr<int64_t>();
+    const acc_t* w = weights.defined() ? weights.data_ptr<acc_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, token_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const scalar_t* xr = x + t * d;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t s = sl[t * k + j];
+          if (s < 0) continue;
+          scalar_t* orow = o + s * d;
+          if (w) {
+            const acc_t wj = w[t * k + j];
+            for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<scalar_t>(wj * static_cast<acc_t>(xr[i]));
+          } else {
+            std::copy(xr, xr + d, orow);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor slot_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& slot_in) {
+  check_rank(a_in, "a", 2, "[T, d]");
+  check_floating(a_in, "a");
+  check_rows_and_slot(b_in, "b", slot_in);
+  check_same_device(a_in, "a", b_in, "b");
+  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "b: expected dtype ", a_in.scalar_type(),
+              " (the dtype of a), got ", b_in.scalar_type());
+  check_size(slot_in, "slot", 0, a_in.size(0), "T, the tokens of a");
+  check_size(b_in, "b", 1, a_in.size(1), "d, the width of a");
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.contiguous();
+  const at::Tensor slot = slot_in.contiguous();
+  check_slot_values(slot, b.size(0));
+  const int64_t T = slot.size(0), k = slot.size(1), d = a.size(1);
+  at::Tensor out = at::empty({T, k}, a.options().dtype(opmath_dtype(a.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "slot_dot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = a.data_ptr<scalar_t>();
+    const scalar_t* y = b.data_ptr<scalar_t>();
+    const int64_t* sl = slot.data_ptr<int64_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    at::parallel_for(0, T, token_grain(d), [&](int64_t bt, int64_t et) {
+      for (int64_t t = bt; t < et; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t s = sl[t * k + j];
+          acc_t acc = 0;
+          if (s >= 0) {
+            const scalar_t* xr = x + t * d;
+            const scalar_t* yr = y + s * d;
+            for (int64_t i = 0; i < d; ++i) acc += static_cast<acc_t>(xr[i]) * static_cast<acc_t>(yr[i]);
+          }
+          o[t * k + j] = acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsemoe, CPU, m) {
+  m.impl("combine", &combine_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
+  m.impl("slot_dot", &slot_dot_cpu);
+}
+
+}  // namespace sparsemoe

@@ -1,0 +1,51 @@
+// The one table of sparsemoe's operators. Every device file only adds implementations
+// (TORCH_LIBRARY_IMPL); Python adds fake kernels and autograd (python/sparsemoe/ops.py).
+//
+// Shapes: T tokens, d model dim, E experts, k picks per token, f expert hidden width,
+// N rows of the expert-ordered buffer (T*k). "opmath" is float32 for float16/bfloat16/float32
+// inputs and float64 for float64 inputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparsemoe, m) {
+  // Softmax over all E experts (in opmath), then the k largest. Ties go to the lower expert
+  // index; NaN logits rank below every number, so ids are always in range and distinct.
+  // renormalize divides the k picked probabilities by their sum (Mixtral).
+  // logits [T,E] -> weights [T,k] opmath, expert_ids [T,k] int64.
+  m.def("route(Tensor logits, int k, bool renormalize) -> (Tensor weights, Tensor expert_ids)");
+  // d logits [T,E] (logits dtype) from d weights [T,k]; recomputes the softmax from logits.
+  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, bool renormalize) -> Tensor");
+
+  // Stable counting sort of the T*k (token, pick) pairs by expert. x [T,d], expert_ids [T,k]
+  // -> x_sorted [T*k,d] (expert-major, token order inside an expert), expert_offsets [E+1]
+  // int64 (expert e owns rows offsets[e]..offsets[e+1]), slot [T,k] int64 (row of each pick).
+  m.def("dispatch(Tensor x, Tensor expert_ids, int num_experts) -> (Tensor x_sorted, Tensor expert_offsets, Tensor slot)");
+
+  // out[t] = sum_j weights[t,j] * rows[slot[t,j]], j in order 0..k-1, accumulated in opmath;
+  // slot -1 adds nothing; weights None means 1. rows [N,d], slot [T,k] -> [T,d].
+  // Also the backward of dispatch (weights None) and of scatter_rows.
+  m.def("combine(Tensor rows, Tensor slot, Tensor? weights) -> Tensor");
+  // out[slot[t,j]] = weights[t,j] * src[t]; rows no slot points at are 0. Slots must be
+  // distinct. src [T,d], slot [T,k] -> [num_rows,d]. The backward of combine w.r.t. rows.
+  m.def("scatter_rows(Tensor src, Tensor slot, Tensor? weights, int num_rows) -> Tensor");
+  // out[t,j] = <a[t], b[slot[t,j]]> in opmath (0 where slot is -1). a [T,d], b [N,d] ->
+  // [T,k]. The backward of combine and scatter_rows w.r.t. their weights.
+  m.def("slot_dot(Tensor a, Tensor b, Tensor slot) -> Tensor");
+
+  // Grouped expert FFN over contiguous segments: for the rows r of expert e,
+  // hidden[r] = x[r] @ w1[e]^T and y[r] = act(hidden[r]) @ w2[e]^T.
+  // x_sorted [N,d], expert_offsets [E+1], w1 [E,F1,d] (F1 = 2f with gate rows first for
+  // 'swiglu', else f), w2 [E,d,f] -> y [N,d], hidden [N,F1] (kept for the backward).
+  m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation) -> (Tensor y, Tensor hidden)");
+  // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f]; experts with no rows get exact zeros.
+  m.def("expert_ffn_backward(Tensor grad_y, Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, Tensor hidden, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "sparsemoe compiled kernels; importing this module registers torch.ops.sparsemoe";
+  module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
+  module.def("parallel_info", [] { return at::get_parallel_info(); },
+             "ATen's report of the thread pools and the OpenMP runtime in this process");
+}

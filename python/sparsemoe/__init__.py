@@ -1,0 +1,11 @@
+"""sparsemoe: Mixture-of-Experts layers for PyTorch with C++/OpenMP kernels that train."""
+
+import torch  # noqa: F401  (loads libtorch and its OpenMP runtime before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.sparsemoe.*)
+from . import ops, reference
+from .layer import MoELayer
+from .losses import load_balancing_loss
+
+__version__ = "0.1.0"
+__all__ = ["MoELayer", "load_balancing_loss", "ops", "reference", "__version__"]

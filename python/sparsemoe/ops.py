@@ -1,0 +1,212 @@
+"""Typed wrappers over torch.ops.sparsemoe, with their fake kernels and autograd.
+
+Every backward is made of sparsemoe ops, so autograd works the same in eager mode, in
+C++ and under torch.compile. Schemas and shape conventions live in csrc/ops.cpp.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.sparsemoe
+
+ACTIVATIONS = ("swiglu", "silu", "gelu", "gelu_tanh", "relu")
+GATED_ACTIVATIONS = ("swiglu",)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of `dtype`: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- public wrappers -------------------------------------------------------------------------
+
+
+def route(logits: Tensor, k: int, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Softmax over experts, top-k, optional renormalisation. [T,E] -> weights [T,k], ids [T,k]."""
+    return _ops.route(logits, k, renormalize)
+
+
+def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the T*k (token, pick) rows by expert -> (x_sorted, expert_offsets, slot)."""
+    return _ops.dispatch(x, expert_ids, num_experts)
+
+
+def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
+               activation: str = "swiglu") -> Tensor:
+    """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d]."""
+    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation)[0]
+
+
+def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor:
+    """out[t] = sum_j weights[t,j] * rows[slot[t,j]] in a fixed order -> [T, d]."""
+    return _ops.combine(rows, slot, weights)
+
+
+def scatter_rows(src: Tensor, slot: Tensor, weights: Tensor | None, num_rows: int) -> Tensor:
+    """out[slot[t,j]] = weights[t,j] * src[t]; other rows 0 -> [num_rows, d]."""
+    return _ops.scatter_rows(src, slot, weights, num_rows)
+
+
+def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
+    """out[t,j] = <a[t], b[slot[t,j]]> in opmath -> [T, k]."""
+    return _ops.slot_dot(a, b, slot)
+
+
+# --- fake kernels (shapes and dtypes only; values are checked by the real kernels) -----------
+
+
+@torch.library.register_fake("sparsemoe::route")
+def _(logits, k, renormalize):
+    torch._check(logits.dim() == 2, lambda: f"logits: expected [T, E], got {tuple(logits.shape)}")
+    torch._check(1 <= k <= logits.shape[1], lambda: f"k: expected 1 <= k <= E = {logits.shape[1]}, got {k}")
+    T = logits.shape[0]
+    return (logits.new_empty((T, k), dtype=opmath_dtype(logits.dtype)),
+            logits.new_empty((T, k), dtype=torch.int64))
+
+
+@torch.library.register_fake("sparsemoe::route_backward")
+def _(grad_weights, logits, expert_ids, renormalize):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("sparsemoe::dispatch")
+def _(x, expert_ids, num_experts):
+    torch._check(x.dim() == 2 and expert_ids.dim() == 2, lambda: "x: expected [T, d] and expert_ids [T, k]")
+    T, k = expert_ids.shape
+    return (x.new_empty((T * k, x.shape[1])),
+            expert_ids.new_empty((num_experts + 1,)),
+            expert_ids.new_empty((T, k)))
+
+
+@torch.library.register_fake("sparsemoe::combine")
+def _(rows, slot, weights):
+    return rows.new_empty((slot.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake("sparsemoe::scatter_rows")
+def _(src, slot, weights, num_rows):
+    return src.new_empty((num_rows, src.shape[1]))
+
+
+@torch.library.register_fake("sparsemoe::slot_dot")
+def _(a, b, slot):
+    return a.new_empty(slot.shape, dtype=opmath_dtype(a.dtype))
+
+
+@torch.library.register_fake("sparsemoe::expert_ffn")
+def _(x_sorted, expert_offsets, w1, w2, activation):
+    return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
+
+
+@torch.library.register_fake("sparsemoe::expert_ffn_backward")
+def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation):
+    return torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2)
+
+
+# --- autograd --------------------------------------------------------------------------------
+
+
+def _route_setup(ctx, inputs, output):
+    logits, k, renormalize = inputs
+    ctx.renormalize = renormalize
+    ctx.save_for_backward(logits, output[1])
+
+
+def _route_backward(ctx, grad_weights, grad_ids):
+    logits, ids = ctx.saved_tensors
+    return _ops.route_backward(grad_weights, logits, ids, ctx.renormalize), None, None
+
+
+torch.library.register_autograd("sparsemoe::route", _route_backward, setup_context=_route_setup)
+
+
+def _dispatch_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _dispatch_backward(ctx, grad_x_sorted, grad_offsets, grad_slot):
+    (slot,) = ctx.saved_tensors
+    return _ops.combine(grad_x_sorted, slot, None), None, None
+
+
+torch.library.register_autograd("sparsemoe::dispatch", _dispatch_backward, setup_context=_dispatch_setup)
+
+
+def _combine_setup(ctx, inputs, output):
+    rows, slot, weights = inputs
+    ctx.num_rows = rows.shape[0]
+    ctx.save_for_backward(rows, slot, weights)
+
+
+def _combine_backward(ctx, grad_out):
+    rows, slot, weights = ctx.saved_tensors
+    grad_rows = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = _ops.scatter_rows(grad_out, slot, weights, ctx.num_rows)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.slot_dot(grad_out, rows, slot)
+    return grad_rows, None, grad_weights
+
+
+torch.library.register_autograd("sparsemoe::combine", _combine_backward, setup_context=_combine_setup)
+
+
+def _scatter_rows_setup(ctx, inputs, output):
+    src, slot, weights, num_rows = inputs
+    ctx.save_for_backward(src, slot, weights)
+
+
+def _scatter_rows_backward(ctx, grad_out):
+    src, slot, weights = ctx.saved_tensors
+    grad_src = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_src = _ops.combine(grad_out, slot, weights)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.slot_dot(src, grad_out, slot)
+    return grad_src, None, grad_weights, None
+
+
+torch.library.register_autograd("sparsemoe::scatter_rows", _scatter_rows_backward,
+                                setup_context=_scatter_rows_setup)
+
+
+def _slot_dot_setup(ctx, inputs, output):
+    a, b, slot = inputs
+    ctx.num_rows = b.shape[0]
+    ctx.save_for_backward(a, b, slot)
+
+
+def _slot_dot_backward(ctx, grad_out):
+    a, b, slot = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.combine(b, slot, grad_out)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.scatter_rows(a, slot, grad_out, ctx.num_rows)
+    return grad_a, grad_b, None
+
+
+torch.library.register_autograd("sparsemoe::slot_dot", _slot_dot_backward, setup_context=_slot_dot_setup)
+
+
+def _expert_ffn_setup(ctx, inputs, output):
+    x_sorted, offsets, w1, w2, activation = inputs
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_sorted, offsets, w1, w2, output[1])
+
+
+def _expert_ffn_backward(ctx, grad_y, grad_hidden):
+    x_sorted, offsets, w1, w2, hidden = ctx.saved_tensors
+    grad_x, grad_w1, grad_w2 = _ops.expert_ffn_backward(grad_y, x_sorted, offsets, w1, w2, hidden,
+                                                        ctx.activation)
+    return grad_x, None, grad_w1, grad_w2, None
+
+
+torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,
+                                setup_context=_expert_ffn_setup)
+
