@@ -59,6 +59,13 @@ def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
 # --- fake kernels (shapes and dtypes only; values are checked by the real kernels) -----------
 
 
+def _check_same_device(first: tuple[str, Tensor], *others: tuple[str, Tensor | None]) -> None:
+    name0, t0 = first
+    for name, t in others:
+        torch._check(t is None or t.device == t0.device,
+                     lambda: f"{name}: expected a tensor on {t0.device} (the device of {name0}), got {t.device}")
+
+
 @torch.library.register_fake("sparsemoe::route")
 def _(logits, k, renormalize):
     torch._check(logits.dim() == 2, lambda: f"logits: expected [T, E], got {tuple(logits.shape)}")
@@ -75,6 +82,7 @@ def _(grad_weights, logits, expert_ids, renormalize):
 
 @torch.library.register_fake("sparsemoe::dispatch")
 def _(x, expert_ids, num_experts):
+    _check_same_device(("x", x), ("expert_ids", expert_ids))
     torch._check(x.dim() == 2 and expert_ids.dim() == 2, lambda: "x: expected [T, d] and expert_ids [T, k]")
     T, k = expert_ids.shape
     return (x.new_empty((T * k, x.shape[1])),
@@ -84,21 +92,25 @@ def _(x, expert_ids, num_experts):
 
 @torch.library.register_fake("sparsemoe::combine")
 def _(rows, slot, weights):
+    _check_same_device(("rows", rows), ("slot", slot), ("weights", weights))
     return rows.new_empty((slot.shape[0], rows.shape[1]))
 
 
 @torch.library.register_fake("sparsemoe::scatter_rows")
 def _(src, slot, weights, num_rows):
+    _check_same_device(("src", src), ("slot", slot), ("weights", weights))
     return src.new_empty((num_rows, src.shape[1]))
 
 
 @torch.library.register_fake("sparsemoe::slot_dot")
 def _(a, b, slot):
+    _check_same_device(("a", a), ("b", b), ("slot", slot))
     return a.new_empty(slot.shape, dtype=opmath_dtype(a.dtype))
 
 
 @torch.library.register_fake("sparsemoe::expert_ffn")
 def _(x_sorted, expert_offsets, w1, w2, activation):
+    _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2))
     return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
 
 

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def lowp_tolerance(kernel: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
+    """Assert that `kernel` (low precision) is within 2x the error that plain PyTorch at the same
+    precision (`plain`) makes against a float64 reference (`exact`), plus a floor of one ulp-ish."""
+    exact = exact.double()
+    plain_err = (plain.double() - exact).abs().max().item()
+    kernel_err = (kernel.double() - exact).abs().max().item()
+    floor = 1e-2 * max(exact.abs().max().item(), 1e-3) * torch.finfo(kernel.dtype).eps
+    assert kernel_err <= 2 * plain_err + floor, f"error {kernel_err:.3g} > 2 x plain PyTorch's {plain_err:.3g}"
