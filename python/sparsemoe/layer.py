@@ -21,7 +21,8 @@ class MoELayer(nn.Module):
 
     After each forward, ``aux_loss`` holds the load-balancing loss (a scalar tensor to scale
     and add to the training loss) and ``tokens_per_expert`` the int64 count of picks per
-    expert; both stay on the device, so reading them is the caller's choice.
+    expert; both stay on the device, so reading them is the caller's choice. ``aux_loss`` keeps
+    the last forward's autograd graph alive until the next forward, as a returned loss would.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int,
@@ -74,6 +75,13 @@ class MoELayer(nn.Module):
         self.tokens_per_expert = offsets.diff()
         self.aux_loss = load_balancing_loss(logits, self.tokens_per_expert, self.top_k)
         return out.reshape(shape)
+
+    def __getstate__(self):
+        # The last forward's statistics hang on that step's autograd graph: copies and pickles
+        # of the module (deepcopy for an EMA model, say) start without them.
+        state = self.__dict__.copy()
+        state["aux_loss"] = state["tokens_per_expert"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "

@@ -15,8 +15,9 @@ def load_balancing_loss(router_logits: Tensor, tokens_per_expert: Tensor, top_k:
     Hugging Face's Mixtral loss is k times this). Only ``P_e`` carries gradient.
     """
     T, E = router_logits.shape
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(router_logits.to(acc), dim=-1)
     denom = max(T, 1)
-    f = tokens_per_expert.float() / (denom * top_k)
+    f = tokens_per_expert.to(acc) / (denom * top_k)
     p = probs.sum(0) / denom
     return E * torch.dot(f, p)
