@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops import opmath_dtype
+
 
 def load_balancing_loss(router_logits: Tensor, tokens_per_expert: Tensor, top_k: int) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
@@ -15,7 +17,7 @@ def load_balancing_loss(router_logits: Tensor, tokens_per_expert: Tensor, top_k:
     Hugging Face's Mixtral loss is k times this). Only ``P_e`` carries gradient.
     """
     T, E = router_logits.shape
-    acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(router_logits.dtype)
     probs = torch.softmax(router_logits.to(acc), dim=-1)
     denom = max(T, 1)
     f = tokens_per_expert.to(acc) / (denom * top_k)
