@@ -323,7 +323,9 @@ def write_report(path: Path, rows: list[dict], stages, stage_T, shapes, args, wa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few runs (smoke test)")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for layer_cpu.md")
+    parser.add_argument("--out", default=None,
+                        help="directory for layer_cpu.md (default benchmarks/results; "
+                             "benchmarks/results/quick with --quick, so a smoke test keeps the real table)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", default=None,
                         help="comma-separated T (default 512,2048; 64 with --quick)")
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
 
     cli = sys.argv[1:] if argv is None else argv
-    text = write_report(Path(args.out) / "layer_cpu.md", rows, stages, stage_T, shapes, cli, warmup, runs,
+    out_dir = args.out or ("benchmarks/results/quick" if args.quick else "benchmarks/results")
+    text = write_report(Path(out_dir) / "layer_cpu.md", rows, stages, stage_T, shapes, cli, warmup, runs,
                         elapsed)
     print("\n" + text)
 
