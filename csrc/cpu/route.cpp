@@ -23,21 +23,22 @@ void check_route_args(const at::Tensor& logits, int64_t k) {
   TORCH_CHECK(k >= 1 && k <= E, "k: expected 1 <= k <= E = ", E, ", got ", k);
 }
 
-// Softmax of one row into p (opmath), with torch.softmax's NaN/inf behaviour: a NaN or +inf
-// logit makes the whole row NaN (max - max is NaN), so a broken router shows up in the loss.
+// Widens one row of logits to opmath (into logit, which selection reuses) and writes its
+// softmax into p, with torch.softmax's NaN/inf behaviour: a NaN or +inf logit makes the whole
+// row NaN (max - max is NaN), so a broken router shows up in the loss.
 template <typename scalar_t, typename acc_t>
-void softmax_row(const scalar_t* x, int64_t E, acc_t* p) {
+void softmax_row(const scalar_t* x, int64_t E, acc_t* logit, acc_t* p) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   bool nan = false;
   for (int64_t i = 0; i < E; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
-    nan |= std::isnan(v);
-    m = std::max(m, v);
+    logit[i] = static_cast<acc_t>(x[i]);
+    nan |= std::isnan(logit[i]);
+    m = std::max(m, logit[i]);
   }
   if (nan) m = std::numeric_limits<acc_t>::quiet_NaN();
   acc_t s = 0;
   for (int64_t i = 0; i < E; ++i) {
-    p[i] = std::exp(static_cast<acc_t>(x[i]) - m);
+    p[i] = std::exp(logit[i] - m);
     s += p[i];
   }
   for (int64_t i = 0; i < E; ++i) p[i] /= s;
@@ -71,9 +72,7 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_
       std::vector<acc_t> p(E), lg(E);
       std::vector<int64_t> order(E);
       for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* row = x + t * E;
-        softmax_row(row, E, p.data());
-        for (int64_t i = 0; i < E; ++i) lg[i] = static_cast<acc_t>(row[i]);
+        softmax_row(x + t * E, E, lg.data(), p.data());
         std::iota(order.begin(), order.end(), 0);
         std::partial_sort(order.begin(), order.begin() + k, order.end(), RanksBefore<acc_t>{lg.data()});
         acc_t sum = 0;
@@ -119,7 +118,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> p(E), dl(E), dv(k);
       for (int64_t t = begin; t < end; ++t) {
-        softmax_row(x + t * E, E, p.data());
+        softmax_row(x + t * E, E, dl.data(), p.data());  // dl is scratch until overwritten below
         const int64_t* rid = id + t * k;
         const acc_t* rg = g + t * k;
         acc_t sum = 0;
