@@ -1,4 +1,4 @@
-// Expert activations. Parsed once from the schema's string into an enum, then applied with
+// Expert activations. Parsed once from the schema's string into a spec, then applied with
 // ATen's vectorised pointwise kernels so forward and backward use the same definitions as
 // torch.nn.functional (which the reference uses).
 #pragma once
@@ -9,18 +9,28 @@
 
 namespace sparsemoe {
 
-enum class Activation { SwiGLU, SiLU, GELU, GELUTanh, ReLU };
+enum class Activation { SwiGLU, ClampedSwiGLU, SiLU, GELU, GELUTanh, ReLU };
 
-Activation parse_activation(const std::string& name);
+struct ActivationSpec {
+  Activation kind;
+  // ClampedSwiGLU (GPT-OSS): gate clamped above at limit, up clamped to [-limit, limit],
+  // out = (up + 1) * gate * sigmoid(alpha * gate).
+  double alpha = 1.702;
+  double limit = 7.0;
+};
+
+ActivationSpec parse_activation(const std::string& name, double alpha, double limit);
 
 // Gated activations read [gate | up] halves of the hidden row, so the first expert projection
 // has twice the hidden width.
-inline bool is_gated(Activation act) { return act == Activation::SwiGLU; }
+inline bool is_gated(const ActivationSpec& act) {
+  return act.kind == Activation::SwiGLU || act.kind == Activation::ClampedSwiGLU;
+}
 
 // h: [N, F1] pre-activation (F1 = 2f when gated, else f) -> [N, f].
-at::Tensor activation_forward(const at::Tensor& h, Activation act);
+at::Tensor activation_forward(const at::Tensor& h, const ActivationSpec& act);
 
 // grad_a: [N, f], h: [N, F1] -> grad_h [N, F1].
-at::Tensor activation_backward(const at::Tensor& grad_a, const at::Tensor& h, Activation act);
+at::Tensor activation_backward(const at::Tensor& grad_a, const at::Tensor& h, const ActivationSpec& act);
 
 }  // namespace sparsemoe

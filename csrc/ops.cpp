@@ -2,26 +2,37 @@
 // (TORCH_LIBRARY_IMPL); Python adds fake kernels and autograd (python/sparsemoe/ops.py).
 //
 // Shapes: T tokens, d model dim, E experts, k picks per token, f expert hidden width,
-// N rows of the expert-ordered buffer (T*k). "opmath" is float32 for float16/bfloat16/float32
-// inputs and float64 for float64 inputs.
+// N rows of the expert-ordered buffer (T*k dropless, fewer with a capacity). "opmath" is
+// float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(sparsemoe, m) {
-  // Softmax over all E experts (in opmath), then the k largest. Ties go to the lower expert
-  // index; NaN logits rank below every number, so ids are always in range and distinct.
-  // renormalize divides the k picked probabilities by their sum (Mixtral).
+  // Token-choice routing, every scheme as options of one op. Scores: softmax over all E experts,
+  // sigmoid per expert, or (softmax_topk) the logits, whose softmax runs over the k picked ones.
+  // The choice value score + selection_bias (bias [E], selection only, never in the weights)
+  // ranks experts; with num_groups > 1 only the topk_groups groups with the largest sum of their
+  // two best choice values are eligible. Ties go to the lower expert index; NaN ranks below every
+  // number, so ids are always in range and distinct. Weights are the picked scores, divided by
+  // their sum (+1e-20) when renormalize, times scale. All math in opmath.
   // logits [T,E] -> weights [T,k] opmath, expert_ids [T,k] int64.
-  m.def("route(Tensor logits, int k, bool renormalize) -> (Tensor weights, Tensor expert_ids)");
-  // d logits [T,E] (logits dtype) from d weights [T,k]; recomputes the softmax from logits.
-  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, bool renormalize) -> Tensor");
+  m.def("route(Tensor logits, int k, bool renormalize=True, str scoring=\"softmax\", Tensor? selection_bias=None, "
+        "int num_groups=1, int topk_groups=1, float scale=1.0) -> (Tensor weights, Tensor expert_ids)");
+  // d logits [T,E] (logits dtype) from d weights [T,k]; recomputes the scores from logits.
+  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, bool renormalize, str scoring, "
+        "float scale) -> Tensor");
 
   // Stable counting sort of the T*k (token, pick) pairs by expert. x [T,d], expert_ids [T,k]
-  // -> x_sorted [T*k,d] (expert-major, token order inside an expert), expert_offsets [E+1]
-  // int64 (expert e owns rows offsets[e]..offsets[e+1]), slot [T,k] int64 (row of each pick).
-  m.def("dispatch(Tensor x, Tensor expert_ids, int num_experts) -> (Tensor x_sorted, Tensor expert_offsets, Tensor slot)");
+  // -> x_sorted [N,d] (expert-major, token order inside an expert), expert_offsets [E+1]
+  // int64 (expert e owns rows offsets[e]..offsets[e+1]), slot [T,k] int64 (row of each pick,
+  // -1 if dropped). capacity -1 is dropless (N = T*k). capacity >= 0 keeps at most capacity
+  // picks per expert in each of token_groups equal contiguous token groups, by priority [T,k]
+  // (higher first, ties to the earlier pick) or by position when priority is None;
+  // N = min(T*k, E*token_groups*capacity) and rows past offsets[E] are zero.
+  m.def("dispatch(Tensor x, Tensor expert_ids, int num_experts, int capacity=-1, Tensor? priority=None, "
+        "int token_groups=1) -> (Tensor x_sorted, Tensor expert_offsets, Tensor slot)");
 
   // out[t] = sum_j weights[t,j] * rows[slot[t,j]], j in order 0..k-1, accumulated in opmath;
   // slot -1 adds nothing; weights None means 1. rows [N,d], slot [T,k] -> [T,d].
@@ -35,12 +46,18 @@ TORCH_LIBRARY(sparsemoe, m) {
   m.def("slot_dot(Tensor a, Tensor b, Tensor slot) -> Tensor");
 
   // Grouped expert FFN over contiguous segments: for the rows r of expert e,
-  // hidden[r] = x[r] @ w1[e]^T and y[r] = act(hidden[r]) @ w2[e]^T.
-  // x_sorted [N,d], expert_offsets [E+1], w1 [E,F1,d] (F1 = 2f with gate rows first for
-  // 'swiglu', else f), w2 [E,d,f] -> y [N,d], hidden [N,F1] (kept for the backward).
-  m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation) -> (Tensor y, Tensor hidden)");
-  // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f]; experts with no rows get exact zeros.
-  m.def("expert_ffn_backward(Tensor grad_y, Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, Tensor hidden, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+  // hidden[r] = x[r] @ w1[e]^T + b1[e] and y[r] = act(hidden[r]) @ w2[e]^T + b2[e].
+  // x_sorted [N,d], expert_offsets [E+1], w1 [E,F1,d] (F1 = 2f with gate rows first for the
+  // gated 'swiglu' and 'clamped_swiglu', else f), w2 [E,d,f], b1 [E,F1], b2 [E,d]
+  // -> y [N,d], hidden [N,F1] (kept for the backward). Rows past offsets[E] (capacity padding)
+  // are 0. swiglu_alpha and swiglu_limit parametrise 'clamped_swiglu' (GPT-OSS).
+  m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation, "
+        "Tensor? b1=None, Tensor? b2=None, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> (Tensor y, Tensor hidden)");
+  // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f], grad_b1 [E,F1], grad_b2 [E,d] (the bias
+  // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.
+  m.def("expert_ffn_backward(Tensor grad_y, Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, "
+        "Tensor hidden, str activation, float swiglu_alpha, float swiglu_limit, bool bias_grads) -> "
+        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

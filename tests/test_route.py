@@ -109,7 +109,7 @@ def test_opcheck(renormalize):
     grad = torch.randn(9, 3)
     logits = torch.randn(9, 8)
     ids = ops.route(logits, 3, renormalize)[1]
-    torch.library.opcheck(torch.ops.sparsemoe.route_backward.default, (grad, logits, ids, renormalize))
+    torch.library.opcheck(torch.ops.sparsemoe.route_backward.default, (grad, logits, ids, renormalize, "softmax", 1.0))
 
 
 def test_non_contiguous_logits():
@@ -136,8 +136,8 @@ def test_backward_bad_inputs():
     logits = torch.randn(4, 8)
     ids = torch.tensor([[0, 1]] * 4)
     with pytest.raises(RuntimeError, match="grad_weights: expected shape"):
-        torch.ops.sparsemoe.route_backward(torch.randn(4, 3), logits, ids, True)
+        torch.ops.sparsemoe.route_backward(torch.randn(4, 3), logits, ids, True, "softmax", 1.0)
     with pytest.raises(RuntimeError, match="expert_ids: expected an int64"):
-        torch.ops.sparsemoe.route_backward(torch.randn(4, 2), logits, ids.int(), True)
+        torch.ops.sparsemoe.route_backward(torch.randn(4, 2), logits, ids.int(), True, "softmax", 1.0)
     with pytest.raises(RuntimeError, match=r"expert_ids: expected ids in \[0, 8\)"):
-        torch.ops.sparsemoe.route_backward(torch.randn(4, 2), logits, ids + 7, True)
+        torch.ops.sparsemoe.route_backward(torch.randn(4, 2), logits, ids + 7, True, "softmax", 1.0)

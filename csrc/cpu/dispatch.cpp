@@ -1,9 +1,12 @@
-// Dispatch: a stable counting sort of (token, pick) pairs by expert, then one row copy each.
+// Dispatch: a stable counting sort of (token, pick) pairs by expert, an optional per-expert
+// capacity that drops overflowing picks by priority, then one row copy per kept pick.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -13,34 +16,41 @@
 namespace sparsemoe {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_in,
-                                                            const at::Tensor& ids_in,
-                                                            int64_t num_experts) {
-  check_rank(x_in, "x", 2, "[T, d]");
-  check_floating(x_in, "x");
-  check_rank(ids_in, "expert_ids", 2, "[T, k]");
-  check_index(ids_in, "expert_ids");
-  check_same_device(x_in, "x", ids_in, "expert_ids");
-  check_size(ids_in, "expert_ids", 0, x_in.size(0), "T, the tokens of x");
+struct DispatchDims {
+  int64_t T, d, k, E, N;
+};
+
+DispatchDims check_dispatch_args(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts,
+                                 int64_t capacity, const c10::optional<at::Tensor>& priority,
+                                 int64_t token_groups) {
+  check_rank(x, "x", 2, "[T, d]");
+  check_floating(x, "x");
+  check_rank(ids, "expert_ids", 2, "[T, k]");
+  check_index(ids, "expert_ids");
+  check_same_device(x, "x", ids, "expert_ids");
+  check_size(ids, "expert_ids", 0, x.size(0), "T, the tokens of x");
   TORCH_CHECK(num_experts >= 1, "num_experts: expected >= 1, got ", num_experts);
-  TORCH_CHECK(ids_in.size(1) >= 1 && ids_in.size(1) <= num_experts, "expert_ids: expected k = size(1) in [1, ",
-              num_experts, "], got shape ", shape_str(ids_in));
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor ids = ids_in.contiguous();
-  check_expert_ids_values(ids, num_experts);
+  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "expert_ids: expected k = size(1) in [1, ",
+              num_experts, "], got shape ", shape_str(ids));
+  TORCH_CHECK(capacity >= -1, "capacity: expected -1 (dropless) or a capacity >= 0, got ", capacity);
+  const int64_t T = x.size(0);
+  TORCH_CHECK(token_groups >= 1 && T % token_groups == 0, "token_groups: expected a divisor of T = ", T,
+              " (tokens form equal contiguous groups), got ", token_groups);
+  if (priority.has_value()) {
+    check_floating(*priority, "priority");
+    check_same_device(x, "x", *priority, "priority");
+    TORCH_CHECK(priority->sizes() == ids.sizes(), "priority: expected shape ", shape_str(ids),
+                " (the shape of expert_ids), got ", shape_str(*priority));
+  }
+  const int64_t k = ids.size(1), E = num_experts;
+  const int64_t N = capacity < 0 ? T * k : std::min(T * k, E * token_groups * capacity);
+  return {T, x.size(1), k, E, N};
+}
 
-  const int64_t T = x.size(0), d = x.size(1), k = ids.size(1), E = num_experts;
-  const int64_t N = T * k;
-  at::Tensor x_sorted = at::empty({N, d}, x.options());
-  at::Tensor offsets = at::empty({E + 1}, ids.options());
-  at::Tensor slot = at::empty({T, k}, ids.options());
-  const int64_t* id = ids.data_ptr<int64_t>();
-  int64_t* off = offsets.data_ptr<int64_t>();
-  int64_t* sl = slot.data_ptr<int64_t>();
-
-  // Pass 1: a histogram per chunk of tokens. Pass 2: each chunk's first row per expert is the
-  // expert's offset plus the counts of earlier chunks, so rows keep token order in an expert
-  // and the result does not depend on the number of threads.
+// The dropless layout: offsets [E+1] and each pick's row in expert-major, token order.
+// Pass 1 counts per chunk of tokens; pass 2 starts each chunk at the expert's offset plus the
+// counts of earlier chunks, so the result does not depend on the number of threads.
+void stable_sort_by_expert(const int64_t* id, int64_t T, int64_t k, int64_t E, int64_t* off, int64_t* sl) {
   const int64_t grain = 2048;
   const int64_t chunks = std::max<int64_t>(1, (T + grain - 1) / grain);
   std::vector<int64_t> next(chunks * E, 0);
@@ -66,15 +76,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_
       for (int64_t i = c * grain * k; i < std::min(T, (c + 1) * grain) * k; ++i) sl[i] = row[id[i]]++;
     }
   });
+}
 
-  const int64_t row_bytes = d * x.element_size();
-  const char* src = static_cast<const char*>(x.data_ptr());
-  char* dst = static_cast<char*>(x_sorted.data_ptr());
-  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      for (int64_t j = 0; j < k; ++j) std::memcpy(dst + sl[t * k + j] * row_bytes, src + t * row_bytes, row_bytes);
+// Applies the capacity to the dropless layout (off, sl) in place: each expert keeps at most
+// `capacity` picks per token group, by priority (higher first, NaN last, ties to the earlier
+// pick) or by position when prio is null. Kept rows stay in token order; dropped picks get -1.
+void apply_capacity(int64_t T, int64_t k, int64_t E, int64_t capacity, int64_t groups, const double* prio,
+                    int64_t* off, int64_t* sl) {
+  const int64_t n = T * k, group_len = T / groups;
+  std::vector<int64_t> pick_of_row(n);
+  for (int64_t i = 0; i < n; ++i) pick_of_row[sl[i]] = i;
+  std::vector<char> keep(n, 1);
+  std::vector<int64_t> kept(E, 0);
+  const auto before = [prio](int64_t a, int64_t b) {
+    const double pa = prio[a], pb = prio[b];
+    const bool na = std::isnan(pa), nb = std::isnan(pb);
+    if (na != nb) return nb;
+    if (!na && pa != pb) return pa > pb;
+    return a < b;
+  };
+  at::parallel_for(0, E, 1, [&](int64_t eb, int64_t ee) {
+    std::vector<int64_t> cand;
+    for (int64_t e = eb; e < ee; ++e) {
+      int64_t r = off[e];
+      while (r < off[e + 1]) {  // one token group of this expert at a time
+        const int64_t group = pick_of_row[r] / k / group_len;
+        int64_t end = r;
+        while (end < off[e + 1] && pick_of_row[end] / k / group_len == group) ++end;
+        if (end - r > capacity) {
+          if (prio == nullptr) {
+            std::fill(keep.begin() + r + capacity, keep.begin() + end, 0);
+          } else {
+            cand.assign(pick_of_row.begin() + r, pick_of_row.begin() + end);
+            std::nth_element(cand.begin(), cand.begin() + capacity, cand.end(), before);
+            std::fill(keep.begin() + r, keep.begin() + end, 0);
+            // Rows of an (expert, group) are in pick order, so a pick's row is r + its rank.
+            for (int64_t i = 0; i < capacity; ++i) {
+              const int64_t pick = cand[i];
+              keep[std::lower_bound(pick_of_row.begin() + r, pick_of_row.begin() + end, pick) -
+                   pick_of_row.begin()] = 1;
+            }
+          }
+        }
+        r = end;
+      }
+      for (int64_t row = off[e]; row < off[e + 1]; ++row) kept[e] += keep[row];
     }
   });
+  std::vector<int64_t> first(E);
+  for (int64_t e = 0; e < E; ++e) first[e] = off[e];
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + kept[e];
+  at::parallel_for(0, E, 1, [&](int64_t eb, int64_t ee) {
+    for (int64_t e = eb; e < ee; ++e) {
+      int64_t row = off[e];
+      const int64_t last = e + 1 < E ? first[e + 1] : n;
+      for (int64_t r = first[e]; r < last; ++r) sl[pick_of_row[r]] = keep[r] ? row++ : -1;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
+                                                            int64_t num_experts, int64_t capacity,
+                                                            const c10::optional<at::Tensor>& priority_in,
+                                                            int64_t token_groups) {
+  const DispatchDims s = check_dispatch_args(x_in, ids_in, num_experts, capacity, priority_in, token_groups);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  check_expert_ids_values(ids, num_experts);
+
+  at::Tensor x_sorted = at::empty({s.N, s.d}, x.options());
+  at::Tensor offsets = at::empty({s.E + 1}, ids.options());
+  at::Tensor slot = at::empty({s.T, s.k}, ids.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t* sl = slot.data_ptr<int64_t>();
+  stable_sort_by_expert(ids.data_ptr<int64_t>(), s.T, s.k, s.E, off, sl);
+  if (capacity >= 0) {
+    const at::Tensor prio = priority_in.has_value() ? priority_in->to(at::kDouble).contiguous() : at::Tensor();
+    apply_capacity(s.T, s.k, s.E, capacity, token_groups, prio.defined() ? prio.data_ptr<double>() : nullptr,
+                   off, sl);
+  }
+
+  const int64_t row_bytes = s.d * x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(x_sorted.data_ptr());
+  at::parallel_for(0, s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.d)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t j = 0; j < s.k; ++j) {
+        const int64_t row = sl[t * s.k + j];
+        if (row >= 0) std::memcpy(dst + row * row_bytes, src + t * row_bytes, row_bytes);
+      }
+    }
+  });
+  // Capacity padding past the kept rows is zero, never stale memory.
+  if (off[s.E] < s.N) x_sorted.narrow(0, off[s.E], s.N - off[s.E]).zero_();
   return {x_sorted, offsets, slot};
 }
 

@@ -53,8 +53,9 @@ inline void check_slot_values(const at::Tensor& slot, int64_t num_rows) {
               ") (-1 marks a dropped pick), got values in [", lo, ", ", hi, "]");
 }
 
-// Offsets [E+1] must start at 0, never decrease and end at num_rows.
-inline void check_offsets_values(const at::Tensor& offsets, int64_t num_rows) {
+// Offsets [E+1] must start at 0, never decrease and end at most at num_rows (rows past the
+// last offset are capacity padding). Returns the last offset.
+inline int64_t check_offsets_values(const at::Tensor& offsets, int64_t num_rows) {
   const int64_t n = offsets.numel();
   const int64_t* o = offsets.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0, "expert_offsets: expected offsets[0] == 0, got ", o[0]);
@@ -62,8 +63,9 @@ inline void check_offsets_values(const at::Tensor& offsets, int64_t num_rows) {
     TORCH_CHECK(o[e] <= o[e + 1], "expert_offsets: expected non-decreasing offsets, got offsets[",
                 e, "] = ", o[e], " > offsets[", e + 1, "] = ", o[e + 1]);
   }
-  TORCH_CHECK(o[n - 1] == num_rows, "expert_offsets: expected the last offset to equal the ",
+  TORCH_CHECK(o[n - 1] <= num_rows, "expert_offsets: expected the last offset to be at most the ",
               num_rows, " rows of x_sorted, got ", o[n - 1]);
+  return o[n - 1];
 }
 
 }  // namespace sparsemoe

@@ -1,4 +1,5 @@
-// Router: softmax over experts, top-k selection, optional renormalisation; and its backward.
+// Router: scoring (softmax / sigmoid / top-k-then-softmax), optional selection bias and
+// group-limited choice, top-k, optional renormalisation and scaling; and its backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,45 +12,48 @@
 #include <vector>
 
 #include "checks.h"
+#include "routing.h"
 
 namespace sparsemoe {
 namespace {
 
-void check_route_args(const at::Tensor& logits, int64_t k) {
+struct RouteOptions {
+  int64_t k;
+  Scoring scoring;
+  bool renormalize;
+  int64_t num_groups, topk_groups;
+  double scale;
+};
+
+RouteOptions check_route_args(const at::Tensor& logits, int64_t k, c10::string_view scoring,
+                              bool renormalize, const c10::optional<at::Tensor>& bias,
+                              int64_t num_groups, int64_t topk_groups, double scale) {
   check_rank(logits, "logits", 2, "[T, E]");
   check_floating(logits, "logits");
   const int64_t E = logits.size(1);
   TORCH_CHECK(E >= 1, "logits: expected at least one expert (E >= 1), got shape ", shape_str(logits));
   TORCH_CHECK(k >= 1 && k <= E, "k: expected 1 <= k <= E = ", E, ", got ", k);
+  TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, "num_groups: expected a divisor of E = ", E,
+              ", got ", num_groups);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, "topk_groups: expected 1 <= topk_groups <= num_groups = ",
+              num_groups, ", got ", topk_groups);
+  TORCH_CHECK(k <= topk_groups * (E / num_groups), "k: expected k <= topk_groups * E / num_groups = ",
+              topk_groups * (E / num_groups), " (the experts of the chosen groups), got ", k);
+  if (bias.has_value()) {
+    check_rank(*bias, "selection_bias", 1, "[E]");
+    check_floating(*bias, "selection_bias");
+    check_same_device(logits, "logits", *bias, "selection_bias");
+    check_size(*bias, "selection_bias", 0, E, "E, the experts of logits");
+  }
+  return {k, parse_scoring(std::string(scoring)), renormalize, num_groups, topk_groups, scale};
 }
 
-// Widens one row of logits to opmath (into logit, which selection reuses) and writes its
-// softmax into p, with torch.softmax's NaN/inf behaviour: a NaN or +inf logit makes the whole
-// row NaN (max - max is NaN), so a broken router shows up in the loss.
-template <typename scalar_t, typename acc_t>
-void softmax_row(const scalar_t* x, int64_t E, acc_t* logit, acc_t* p) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  bool nan = false;
-  for (int64_t i = 0; i < E; ++i) {
-    logit[i] = static_cast<acc_t>(x[i]);
-    nan |= std::isnan(logit[i]);
-    m = std::max(m, logit[i]);
-  }
-  if (nan) m = std::numeric_limits<acc_t>::quiet_NaN();
-  acc_t s = 0;
-  for (int64_t i = 0; i < E; ++i) {
-    p[i] = std::exp(logit[i] - m);
-    s += p[i];
-  }
-  for (int64_t i = 0; i < E; ++i) p[i] /= s;
-}
-
-// Expert i ranks before expert j: larger logit first, NaN below everything, ties by index.
+// Expert i ranks before expert j: larger key first, NaN below everything, ties by index.
 template <typename acc_t>
 struct RanksBefore {
-  const acc_t* logit;
+  const acc_t* key;
   bool operator()(int64_t i, int64_t j) const {
-    const acc_t a = logit[i], b = logit[j];
+    const acc_t a = key[i], b = key[j];
     const bool na = std::isnan(a), nb = std::isnan(b);
     if (na != nb) return nb;
     if (!na && a != b) return a > b;
@@ -57,41 +61,89 @@ struct RanksBefore {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_t k, bool renormalize) {
-  check_route_args(logits_in, k);
+// Per-thread scratch for one row.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> logit, score, key, group_score;
+  std::vector<int64_t> order, group_order;
+  explicit RowScratch(int64_t E, int64_t G)
+      : logit(E), score(E), key(E), group_score(G), order(E), group_order(G) {}
+};
+
+// Picks the k experts of one row into ids (best first). key holds the choice values.
+template <typename acc_t>
+void select_row(RowScratch<acc_t>& s, int64_t E, const RouteOptions& o, int64_t* ids) {
+  const RanksBefore<acc_t> before{s.key.data()};
+  std::iota(s.order.begin(), s.order.end(), 0);
+  if (o.num_groups == 1) {
+    std::partial_sort(s.order.begin(), s.order.begin() + o.k, s.order.end(), before);
+    std::copy(s.order.begin(), s.order.begin() + o.k, ids);
+    return;
+  }
+  // Group score: the sum of the group's two best choice values (one when a group has one).
+  const int64_t per = E / o.num_groups;
+  const int64_t best = std::min<int64_t>(2, per);
+  for (int64_t g = 0; g < o.num_groups; ++g) {
+    int64_t* first = s.order.data() + g * per;
+    std::partial_sort(first, first + best, first + per, before);
+    acc_t sum = 0;
+    for (int64_t i = 0; i < best; ++i) sum += s.key[first[i]];
+    s.group_score[g] = sum;
+  }
+  std::iota(s.group_order.begin(), s.group_order.end(), 0);
+  std::partial_sort(s.group_order.begin(), s.group_order.begin() + o.topk_groups, s.group_order.end(),
+                    RanksBefore<acc_t>{s.group_score.data()});
+  // Gather the chosen groups' experts, then take the k best of them.
+  int64_t n = 0;
+  for (int64_t i = 0; i < o.topk_groups; ++i) {
+    for (int64_t e = s.group_order[i] * per; e < (s.group_order[i] + 1) * per; ++e) s.order[n++] = e;
+  }
+  std::partial_sort(s.order.begin(), s.order.begin() + o.k, s.order.begin() + n, before);
+  std::copy(s.order.begin(), s.order.begin() + o.k, ids);
+}
+
+std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_t k, bool renormalize,
+                                             c10::string_view scoring,
+                                             const c10::optional<at::Tensor>& bias_in, int64_t num_groups,
+                                             int64_t topk_groups, double scale) {
+  const RouteOptions o = check_route_args(logits_in, k, scoring, renormalize, bias_in, num_groups,
+                                          topk_groups, scale);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  at::Tensor weights = at::empty({T, k}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
+  const auto acc_dtype = opmath_dtype(logits.scalar_type());
+  at::Tensor weights = at::empty({T, k}, logits.options().dtype(acc_dtype));
   at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kLong));
+  const bool has_bias = bias_in.has_value();
+  const at::Tensor bias = has_bias ? bias_in->to(acc_dtype).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "route", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.data_ptr<scalar_t>();
+    const acc_t* b = has_bias ? bias.data_ptr<acc_t>() : nullptr;
     acc_t* w = weights.data_ptr<acc_t>();
     int64_t* id = ids.data_ptr<int64_t>();
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> p(E), lg(E);
-      std::vector<int64_t> order(E);
+      RowScratch<acc_t> s(E, o.num_groups);
+      std::vector<acc_t> picked(k);
       for (int64_t t = begin; t < end; ++t) {
-        softmax_row(x + t * E, E, lg.data(), p.data());
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + k, order.end(), RanksBefore<acc_t>{lg.data()});
-        acc_t sum = 0;
-        for (int64_t j = 0; j < k; ++j) sum += p[order[j]];
-        for (int64_t j = 0; j < k; ++j) {
-          id[t * k + j] = order[j];
-          w[t * k + j] = renormalize ? p[order[j]] / sum : p[order[j]];
-        }
+        score_row(x + t * E, E, o.scoring, s.logit.data(), s.score.data());
+        // Scores are monotone in the logits, so without a bias or groups the logits rank the
+        // experts the same way and stay apart where softmax underflows or sigmoid saturates.
+        const acc_t* choice = (b == nullptr && o.num_groups == 1) ? s.logit.data() : s.score.data();
+        for (int64_t e = 0; e < E; ++e) s.key[e] = b ? choice[e] + b[e] : choice[e];
+        int64_t* row_ids = id + t * k;
+        select_row(s, E, o, row_ids);
+        picked_weights(s.score.data(), row_ids, k, o.scoring, o.renormalize, static_cast<acc_t>(o.scale),
+                       picked.data());
+        std::copy(picked.begin(), picked.end(), w + t * k);
       }
     });
   });
   return {weights, ids};
 }
 
-// With v the picked probabilities, S their sum and w = v / S (or w = v):
-//   dv_j = (gw_j - sum_i gw_i w_i) / S   (or dv_j = gw_j)
-//   dlogit_e = p_e * (dv_e - sum_j dv_j v_j), where dv_e is 0 for experts not picked.
 at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
-                              const at::Tensor& ids_in, bool renormalize) {
+                              const at::Tensor& ids_in, bool renormalize, c10::string_view scoring_name,
+                              double scale) {
   check_rank(logits_in, "logits", 2, "[T, E]");
   check_floating(logits_in, "logits");
   check_rank(ids_in, "expert_ids", 2, "[T, k]");
@@ -101,6 +153,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
   check_size(ids_in, "expert_ids", 0, logits_in.size(0), "T, the tokens of logits");
   TORCH_CHECK(grad_weights_in.sizes() == ids_in.sizes(), "grad_weights: expected shape ",
               shape_str(ids_in), " (the shape of expert_ids), got ", shape_str(grad_weights_in));
+  const Scoring scoring = parse_scoring(std::string(scoring_name));
   const auto acc_dtype = opmath_dtype(logits_in.scalar_type());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
@@ -116,24 +169,11 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
     const acc_t* g = gw.data_ptr<acc_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> p(E), dl(E), dv(k);
+      std::vector<acc_t> logit(E), score(E), dl(E);
       for (int64_t t = begin; t < end; ++t) {
-        softmax_row(x + t * E, E, dl.data(), p.data());  // dl is scratch until overwritten below
-        const int64_t* rid = id + t * k;
-        const acc_t* rg = g + t * k;
-        acc_t sum = 0;
-        for (int64_t j = 0; j < k; ++j) sum += p[rid[j]];
-        acc_t gw_dot_w = 0;
-        if (renormalize) {
-          for (int64_t j = 0; j < k; ++j) gw_dot_w += rg[j] * (p[rid[j]] / sum);
-        }
-        acc_t dv_dot_v = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          dv[j] = renormalize ? (rg[j] - gw_dot_w) / sum : rg[j];
-          dv_dot_v += dv[j] * p[rid[j]];
-        }
-        for (int64_t e = 0; e < E; ++e) dl[e] = -p[e] * dv_dot_v;
-        for (int64_t j = 0; j < k; ++j) dl[rid[j]] += p[rid[j]] * dv[j];
+        score_row(x + t * E, E, scoring, logit.data(), score.data());
+        picked_weights_backward(score.data(), id + t * k, g + t * k, k, E, scoring, renormalize,
+                                static_cast<acc_t>(scale), dl.data());
         for (int64_t e = 0; e < E; ++e) out[t * E + e] = static_cast<scalar_t>(dl[e]);
       }
     });

@@ -13,8 +13,9 @@ from . import _C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.sparsemoe
 
-ACTIVATIONS = ("swiglu", "silu", "gelu", "gelu_tanh", "relu")
-GATED_ACTIVATIONS = ("swiglu",)
+ACTIVATIONS = ("swiglu", "clamped_swiglu", "silu", "gelu", "gelu_tanh", "relu")
+GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,20 +26,24 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- public wrappers -------------------------------------------------------------------------
 
 
-def route(logits: Tensor, k: int, renormalize: bool = True) -> tuple[Tensor, Tensor]:
-    """Softmax over experts, top-k, optional renormalisation. [T,E] -> weights [T,k], ids [T,k]."""
-    return _ops.route(logits, k, renormalize)
+def route(logits: Tensor, k: int, renormalize: bool = True, scoring: str = "softmax",
+          selection_bias: Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
+          scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Score, (group-limit,) pick top-k, renormalise, scale. [T,E] -> weights [T,k], ids [T,k]."""
+    return _ops.route(logits, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale)
 
 
-def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort the T*k (token, pick) rows by expert -> (x_sorted, expert_offsets, slot)."""
-    return _ops.dispatch(x, expert_ids, num_experts)
+def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int, capacity: int = -1,
+             priority: Tensor | None = None, token_groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the (token, pick) rows by expert, within capacity -> (x_sorted, expert_offsets, slot)."""
+    return _ops.dispatch(x, expert_ids, num_experts, capacity, priority, token_groups)
 
 
 def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
-               activation: str = "swiglu") -> Tensor:
+               activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
+               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
     """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d]."""
-    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation)[0]
+    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit)[0]
 
 
 def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -67,7 +72,9 @@ def _check_same_device(first: tuple[str, Tensor], *others: tuple[str, Tensor | N
 
 
 @torch.library.register_fake("sparsemoe::route")
-def _(logits, k, renormalize):
+def _(logits, k, renormalize=True, scoring="softmax", selection_bias=None, num_groups=1, topk_groups=1,
+      scale=1.0):
+    _check_same_device(("logits", logits), ("selection_bias", selection_bias))
     torch._check(logits.dim() == 2, lambda: f"logits: expected [T, E], got {tuple(logits.shape)}")
     torch._check(1 <= k <= logits.shape[1], lambda: f"k: expected 1 <= k <= E = {logits.shape[1]}, got {k}")
     T = logits.shape[0]
@@ -76,16 +83,22 @@ def _(logits, k, renormalize):
 
 
 @torch.library.register_fake("sparsemoe::route_backward")
-def _(grad_weights, logits, expert_ids, renormalize):
+def _(grad_weights, logits, expert_ids, renormalize, scoring, scale):
     return torch.empty_like(logits)
 
 
+def dispatch_rows(T: int, k: int, num_experts: int, capacity: int, token_groups: int = 1) -> int:
+    """Rows of dispatch's buffer: T*k dropless, else at most capacity per expert and token group."""
+    return T * k if capacity < 0 else min(T * k, num_experts * token_groups * capacity)
+
+
 @torch.library.register_fake("sparsemoe::dispatch")
-def _(x, expert_ids, num_experts):
-    _check_same_device(("x", x), ("expert_ids", expert_ids))
+def _(x, expert_ids, num_experts, capacity=-1, priority=None, token_groups=1):
+    _check_same_device(("x", x), ("expert_ids", expert_ids), ("priority", priority))
     torch._check(x.dim() == 2 and expert_ids.dim() == 2, lambda: "x: expected [T, d] and expert_ids [T, k]")
     T, k = expert_ids.shape
-    return (x.new_empty((T * k, x.shape[1])),
+    N = dispatch_rows(T, k, num_experts, capacity, token_groups)
+    return (x.new_empty((N, x.shape[1])),
             expert_ids.new_empty((num_experts + 1,)),
             expert_ids.new_empty((T, k)))
 
@@ -109,28 +122,33 @@ def _(a, b, slot):
 
 
 @torch.library.register_fake("sparsemoe::expert_ffn")
-def _(x_sorted, expert_offsets, w1, w2, activation):
-    _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2))
+def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+    _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2),
+                       ("b1", b1), ("b2", b2))
     return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
 
 
 @torch.library.register_fake("sparsemoe::expert_ffn_backward")
-def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation):
-    return torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2)
+def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha, swiglu_limit, bias_grads):
+    E = w1.shape[0] if bias_grads else 0
+    return (torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2),
+            w1.new_empty((E, w1.shape[1])), w1.new_empty((E, w2.shape[1])))
 
 
 # --- autograd --------------------------------------------------------------------------------
 
 
 def _route_setup(ctx, inputs, output):
-    logits, k, renormalize = inputs
-    ctx.renormalize = renormalize
+    logits, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale = inputs
+    ctx.options = (renormalize, scoring, scale)
     ctx.save_for_backward(logits, output[1])
 
 
 def _route_backward(ctx, grad_weights, grad_ids):
     logits, ids = ctx.saved_tensors
-    return _ops.route_backward(grad_weights, logits, ids, ctx.renormalize), None, None
+    renormalize, scoring, scale = ctx.options
+    grad_logits = _ops.route_backward(grad_weights, logits, ids, renormalize, scoring, scale)
+    return grad_logits, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("sparsemoe::route", _route_backward, setup_context=_route_setup)
@@ -142,7 +160,7 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_x_sorted, grad_offsets, grad_slot):
     (slot,) = ctx.saved_tensors
-    return _ops.combine(grad_x_sorted, slot, None), None, None
+    return _ops.combine(grad_x_sorted, slot, None), None, None, None, None, None
 
 
 torch.library.register_autograd("sparsemoe::dispatch", _dispatch_backward, setup_context=_dispatch_setup)
@@ -206,19 +224,22 @@ torch.library.register_autograd("sparsemoe::slot_dot", _slot_dot_backward, setup
 
 
 def _expert_ffn_setup(ctx, inputs, output):
-    x_sorted, offsets, w1, w2, activation = inputs
-    ctx.activation = activation
+    x_sorted, offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit = inputs
+    ctx.options = (activation, swiglu_alpha, swiglu_limit)
+    ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x_sorted, offsets, w1, w2, output[1])
 
 
 def _expert_ffn_backward(ctx, grad_y, grad_hidden):
     x_sorted, offsets, w1, w2, hidden = ctx.saved_tensors
-    grad_x, grad_w1, grad_w2 = _ops.expert_ffn_backward(grad_y, x_sorted, offsets, w1, w2, hidden,
-                                                        ctx.activation)
-    return grad_x, None, grad_w1, grad_w2, None
+    activation, alpha, limit = ctx.options
+    has_b1, has_b2 = ctx.has_bias
+    grad_x, grad_w1, grad_w2, grad_b1, grad_b2 = _ops.expert_ffn_backward(
+        grad_y, x_sorted, offsets, w1, w2, hidden, activation, alpha, limit, has_b1 or has_b2)
+    return (grad_x, None, grad_w1, grad_w2, None, grad_b1 if has_b1 else None, grad_b2 if has_b2 else None,
+            None, None)
 
 
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,
                                 setup_context=_expert_ffn_setup)
-
