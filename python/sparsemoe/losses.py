@@ -1,4 +1,4 @@
-"""Router losses. Everything stays on the device: nothing here reads a value to the host."""
+"""Router losses and the aux-loss-free bias update. Nothing here reads a value to the host."""
 
 from __future__ import annotations
 
@@ -8,18 +8,60 @@ from torch import Tensor
 from .ops import opmath_dtype
 
 
-def load_balancing_loss(router_logits: Tensor, tokens_per_expert: Tensor, top_k: int) -> Tensor:
+def router_probs(router_logits: Tensor, scoring: str = "softmax") -> Tensor:
+    """Each token's routing distribution over experts, in opmath: the softmax of the logits, or
+    for sigmoid routers the sigmoid scores normalised to sum to 1 (DeepSeek-V3's affinities)."""
+    x = router_logits.to(opmath_dtype(router_logits.dtype))
+    if scoring == "sigmoid":
+        s = torch.sigmoid(x)
+        return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return torch.softmax(x, dim=-1)
+
+
+def _token_mask(router_logits: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.numel() != router_logits.shape[0]:
+        raise ValueError(f"attention_mask: expected {router_logits.shape[0]} entries (one per token), "
+                         f"got shape {tuple(attention_mask.shape)}")
+    return attention_mask.reshape(-1).to(opmath_dtype(router_logits.dtype))
+
+
+def load_balancing_loss(router_logits: Tensor, expert_ids: Tensor, attention_mask: Tensor | None = None,
+                        scoring: str = "softmax") -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
 
-    ``f_e`` is expert e's share of the T*k routed picks (``tokens_per_expert / (T*k)``) and
-    ``P_e`` the mean router probability of expert e over the T tokens, so a perfectly
-    balanced router scores exactly 1.0 whatever k is (the Switch / Megatron normalisation;
-    Hugging Face's Mixtral loss is k times this). Only ``P_e`` carries gradient.
+    ``f_e`` is expert e's share of the routed picks (before any capacity drop, as in Switch)
+    and ``P_e`` the mean routing probability of expert e. Tokens where ``attention_mask`` is 0
+    (padding) count in neither. A perfectly balanced router scores exactly 1.0 whatever k is
+    (the Switch / Megatron normalisation; Hugging Face's Mixtral-style loss is k times this).
+    Only ``P_e`` carries gradient.
     """
     T, E = router_logits.shape
-    acc = opmath_dtype(router_logits.dtype)
-    probs = torch.softmax(router_logits.to(acc), dim=-1)
-    denom = max(T, 1)
-    f = tokens_per_expert.to(acc) / (denom * top_k)
-    p = probs.sum(0) / denom
+    k = expert_ids.shape[1]
+    probs = router_probs(router_logits, scoring)
+    mask = _token_mask(router_logits, attention_mask)
+    weight = torch.ones(T, dtype=probs.dtype, device=probs.device) if mask is None else mask
+    tokens = weight.sum().clamp_min(1)
+    counts = torch.zeros(E, dtype=probs.dtype, device=probs.device)
+    counts.index_add_(0, expert_ids.reshape(-1), weight.repeat_interleave(k))
+    f = counts / (tokens * k)
+    p = (probs * weight.unsqueeze(1)).sum(0) / tokens
     return E * torch.dot(f, p)
+
+
+def z_loss(router_logits: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE): the mean over tokens of logsumexp(logits)^2; padding excluded."""
+    lse = torch.logsumexp(router_logits.to(opmath_dtype(router_logits.dtype)), dim=-1)
+    mask = _token_mask(router_logits, attention_mask)
+    if mask is None:
+        return lse.square().mean() if lse.numel() else lse.new_zeros(())
+    return (lse.square() * mask).sum() / mask.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def update_selection_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): raise the selection bias of experts below the mean
+    load by ``rate`` and lower it for those above; experts exactly at the mean keep theirs."""
+    load = tokens_per_expert.to(bias.dtype)
+    bias.add_(rate * torch.sign(load.mean() - load))

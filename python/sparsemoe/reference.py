@@ -122,15 +122,20 @@ def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int, capacity: int = -1
     return x_sorted, offsets, slot.view(T, k)
 
 
+def gated_activation(gate: Tensor, up: Tensor, name: str, swiglu_alpha: float = 1.702,
+                     swiglu_limit: float = 7.0) -> Tensor:
+    if name == "swiglu":
+        return F.silu(gate) * up
+    # clamped_swiglu (GPT-OSS): gate clamped above, up clamped both sides, x*sigmoid(alpha*x).
+    gate = gate.clamp(max=swiglu_limit)
+    up = up.clamp(-swiglu_limit, swiglu_limit)
+    return (up + 1) * gate * torch.sigmoid(swiglu_alpha * gate)
+
+
 def activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
     if name in ("swiglu", "clamped_swiglu"):
         gate, up = h.chunk(2, dim=-1)
-        if name == "swiglu":
-            return F.silu(gate) * up
-        # GPT-OSS: gate clamped above, up clamped both sides, x * sigmoid(alpha * x) gating.
-        gate = gate.clamp(max=swiglu_limit)
-        up = up.clamp(-swiglu_limit, swiglu_limit)
-        return (up + 1) * gate * torch.sigmoid(swiglu_alpha * gate)
+        return gated_activation(gate, up, name, swiglu_alpha, swiglu_limit)
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[name](h)
 

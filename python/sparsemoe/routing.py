@@ -1,0 +1,82 @@
+"""The router module: scores every expert for every token. Which experts are picked and with
+what weights is the route op's job (every scheme is an option of that one op)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import update_selection_bias
+
+
+class Router(nn.Module):
+    """``logits = x @ weight.T (+ bias)``, optionally in a wider dtype and with training jitter.
+
+    ``selection_bias`` (a float32 buffer, when enabled) is DeepSeek-V3's
+    ``e_score_correction_bias``: route adds it to the scores only to choose experts, and
+    :meth:`update_selection_bias` moves it towards balance without any aux loss.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, bias: bool = False, selection_bias: bool = False,
+                 dtype_override: torch.dtype | None = None, jitter: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"router_jitter: expected 0 <= jitter < 1, got {jitter!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, **factory)) if bias else None
+        if selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        self.dtype_override, self.jitter = dtype_override, jitter
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation; the selection bias starts at zero."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight.shape[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.selection_bias is not None:
+            self.selection_bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.dtype_override or x.dtype
+        x = x.to(dtype)
+        if self.training and self.jitter > 0:
+            # Switch Transformer's multiplicative jitter, on the router's input only.
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x, self.weight.to(dtype), bias)
+
+    def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
+        if self.selection_bias is None:
+            raise RuntimeError("update_selection_bias: this router was built without selection_bias=True")
+        update_selection_bias(self.selection_bias, tokens_per_expert, rate)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.weight.shape[1]}, num_experts={self.weight.shape[0]}, bias={self.bias is not None}, "
+                f"selection_bias={self.selection_bias is not None}, dtype_override={self.dtype_override}, "
+                f"jitter={self.jitter}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def capacity_for(tokens_per_group: int, top_k: int, num_experts: int, capacity_factor: float | None,
+                 expert_capacity: int | None) -> int:
+    """Per-expert, per-group capacity: expert_capacity as given, else ceil(factor * tokens * k / E);
+    -1 (dropless) when neither is set."""
+    if expert_capacity is not None:
+        return expert_capacity
+    if capacity_factor is None:
+        return -1
+    return math.ceil(capacity_factor * tokens_per_group * top_k / num_experts)
+
+
