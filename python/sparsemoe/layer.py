@@ -63,8 +63,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"capacity_factor: expected a positive number or None, got {capacity_factor!r}")
         if expert_capacity is not None and (not isinstance(expert_capacity, int) or expert_capacity < 0):
             raise ValueError(f"expert_capacity: expected an int >= 0 or None, got {expert_capacity!r}")
-        if routing == "expert_choice" and (num_groups > 1 or weights_on_input):
-            raise ValueError("routing: expert_choice does not combine with num_groups > 1 or weights_on_input")
+        if routing == "expert_choice" and (num_groups > 1 or weights_on_input or selection_bias):
+            # Every expert sees every token: group limits and a selection bias have nothing to
+            # choose between, and experts keep tokens by probability (drop_policy does not apply).
+            raise ValueError("routing: expert_choice does not combine with num_groups > 1, selection_bias "
+                             "or weights_on_input")
         if shared_expert_d_ff < 0 or (shared_expert_gate and not shared_expert_d_ff):
             raise ValueError(f"shared_expert_d_ff: expected >= 0 (and > 0 with shared_expert_gate), "
                              f"got {shared_expert_d_ff!r}")
@@ -111,8 +114,10 @@ class MoELayer(nn.Module):
         return 1
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """``padding_mask`` (``[...]``, True or 1 for real tokens) keeps padding out of the losses
-        and statistics; padding tokens are still routed, as in the models this layer reproduces."""
+        """``padding_mask`` (``[...]``, True or 1 for real tokens) keeps padding out of the aux
+        loss, the z-loss and the router entropy. Padding tokens are still routed, as in the models
+        this layer reproduces, so they count in ``tokens_per_expert`` and ``dropped_fraction``
+        and take capacity like any token."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
@@ -120,6 +125,9 @@ class MoELayer(nn.Module):
                              f"got {tuple(padding_mask.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
+        # The router reads the input as given: under autocast its linear is autocast like any
+        # nn.Linear, unless router_dtype asks for a wider dtype.
+        logits = self.router(tokens)
         w1, w2, b1, b2 = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
         device_type = tokens.device.type
         if torch.is_autocast_enabled(device_type):
@@ -131,7 +139,6 @@ class MoELayer(nn.Module):
 
         T, E = tokens.shape[0], self.num_experts
         groups = self._token_groups(shape)
-        logits = self.router(tokens)
         if self.routing == "token_choice":
             weights, ids = ops.route(logits, self.top_k, self.renormalize, self.scoring, self.router.selection_bias,
                                      self.num_groups, self.topk_groups, self.routed_scaling_factor)
@@ -178,7 +185,11 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             p = router_probs(logits.detach(), self.scoring)
             entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
-            self.router_entropy = entropy.mean() if entropy.numel() else entropy.new_zeros(())
+            if padding_mask is not None:
+                real = padding_mask.reshape(-1).to(entropy.dtype)
+                self.router_entropy = (entropy * real).sum() / real.sum().clamp_min(1)
+            else:
+                self.router_entropy = entropy.mean() if entropy.numel() else entropy.new_zeros(())
 
     def update_selection_bias(self, rate: float = 1e-3) -> None:
         """One aux-loss-free balancing step (DeepSeek-V3) from the last forward's expert load:

@@ -191,17 +191,205 @@ def load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_experts: int) ->
 
 
 def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-                top_k: int, act: str = "swiglu", renormalize: bool = True) -> Tensor:
-    """The Hugging Face eager loop: per expert, select its tokens, run the FFN, scale, add."""
+                top_k: int, act: str = "swiglu", renormalize: bool = True, *,
+                scoring: str = "softmax", router_bias: Tensor | None = None,
+                router_dtype: torch.dtype | None = None, selection_bias: Tensor | None = None,
+                num_groups: int = 1, topk_groups: int = 1, routed_scaling_factor: float = 1.0,
+                routing: str = "token_choice", capacity_factor: float | None = None,
+                expert_capacity: int | None = None, drop_policy: str = "position",
+                capacity_scope: str = "batch", gate_up_proj_bias: Tensor | None = None,
+                down_proj_bias: Tensor | None = None, shared_gate_proj: Tensor | None = None,
+                shared_up_proj: Tensor | None = None, shared_down_proj: Tensor | None = None,
+                shared_expert_gate: Tensor | None = None, weights_on_input: bool = False,
+                swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                padding_mask: Tensor | None = None, return_stats: bool = False):
+    """The whole MoELayer as a Hugging Face style eager loop: route, then per expert select its
+    tokens, run the FFN, scale, add; plus the shared expert.
+
+    Takes the layer's tensors (router_weight = router.weight, router_bias = router.bias,
+    selection_bias = router.selection_bias, shared_* = shared_expert.*_proj.weight and
+    shared_expert_gate.weight) and its option values. Routing and capacity are written here
+    independently of route/dispatch: torch.topk over experts (token choice) or over tokens
+    (expert choice), and per (expert, token group) a plain list of the picks kept.
+    With return_stats, also returns the layer's statistics as a dict.
+    """
     shape = x.shape
-    x = x.reshape(-1, shape[-1])
-    logits = F.linear(x, router_weight)
-    weights, ids = route(logits, top_k, renormalize)
-    out = torch.zeros(x.shape, dtype=opmath_dtype(x.dtype), device=x.device)
-    for e in range(gate_up_proj.shape[0]):
-        tok, pick = torch.nonzero(ids == e, as_tuple=True)
+    d = shape[-1]
+    x = x.reshape(-1, d)
+    T, E = x.shape[0], gate_up_proj.shape[0]
+    acc = opmath_dtype(x.dtype)
+
+    # Router logits (optionally in a wider dtype).
+    rd = router_dtype or x.dtype
+    logits = F.linear(x.to(rd), router_weight.to(rd), None if router_bias is None else router_bias.to(rd))
+
+    # Token groups for the capacity: whole batch, or each sequence of an input [..., S, d].
+    groups = 1
+    if capacity_scope == "sequence" and len(shape) >= 3:
+        for n in shape[:-2]:
+            groups *= n
+    per_group = T // groups if groups else 0
+    group_of = torch.arange(T, device=x.device) // max(per_group, 1)  # each token's group
+
+    # picks[e] = list of (token, weight of the pick) that expert e processes.
+    picks: list[tuple[Tensor, Tensor]] = []
+    if routing == "token_choice":
+        weights, ids = _oracle_route(logits, top_k, renormalize, scoring, selection_bias, num_groups,
+                                     topk_groups, routed_scaling_factor)
+        capacity = _oracle_capacity(per_group, top_k, E, capacity_factor, expert_capacity)
+        for e in range(E):
+            tok, pick = torch.nonzero(ids == e, as_tuple=True)  # token order
+            w = weights[tok, pick]
+            if capacity >= 0:
+                kept = []
+                for g in range(groups):
+                    in_group = torch.nonzero(group_of[tok] == g).squeeze(1)
+                    if drop_policy == "probability":
+                        # highest weight first, ties to the earlier token (stable sort)
+                        in_group = in_group[torch.sort(-w[in_group].detach(), stable=True).indices]
+                    kept.append(in_group[:capacity])
+                kept = torch.sort(torch.cat(kept)).values if kept else tok.new_zeros(0)
+                tok, w = tok[kept], w[kept]
+            picks.append((tok, w))
+        ids_for_loss = ids
+    else:
+        # Expert choice: each expert takes its top-C tokens of every group by score.
+        if scoring == "sigmoid":
+            s = torch.sigmoid(logits.to(acc))
+        else:
+            s = torch.softmax(logits.to(acc), dim=-1)
+        s = s * routed_scaling_factor
+        capacity = _oracle_capacity(per_group, top_k, E, capacity_factor or 1.0, expert_capacity)
+        for e in range(E):
+            toks = []
+            for g in range(groups):
+                col = s[g * per_group:(g + 1) * per_group, e].detach()
+                # torch.topk over the token dimension with ties to the earlier token.
+                top = torch.sort(col, descending=True, stable=True).indices[:capacity]
+                toks.append(g * per_group + top)
+            tok = torch.sort(torch.cat(toks)).values if toks else torch.zeros(0, dtype=torch.long, device=x.device)
+            picks.append((tok, s[tok, e]))
+        ids_for_loss = None
+
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    kept_per_expert = []
+    for e, (tok, w) in enumerate(picks):
+        kept_per_expert.append(tok.numel())
         if tok.numel() == 0:
             continue
-        y = activation(x[tok] @ gate_up_proj[e].T, act) @ down_proj[e].T
-        out.index_add_(0, tok, y.to(out.dtype) * weights[tok, pick, None])
-    return out.to(x.dtype).reshape(shape)
+        w = w.to(acc)
+        xe = x[tok]
+        if weights_on_input:
+            xe = (xe.to(acc) * w[:, None]).to(x.dtype)
+        h = xe @ gate_up_proj[e].T
+        if gate_up_proj_bias is not None:
+            h = h + gate_up_proj_bias[e]
+        y = activation(h, act, swiglu_alpha, swiglu_limit) @ down_proj[e].T
+        if down_proj_bias is not None:
+            y = y + down_proj_bias[e]
+        y = y.to(acc) if weights_on_input else y.to(acc) * w[:, None]
+        out = out.index_add(0, tok, y)
+    out = out.to(x.dtype)
+
+    if shared_up_proj is not None:
+        up = x @ shared_up_proj.to(x.dtype).T
+        if shared_gate_proj is not None:
+            a = gated_activation(x @ shared_gate_proj.to(x.dtype).T, up, act, swiglu_alpha, swiglu_limit)
+        else:
+            a = activation(up, act)
+        shared = a @ shared_down_proj.to(x.dtype).T
+        if shared_expert_gate is not None:
+            shared = torch.sigmoid(x @ shared_expert_gate.to(x.dtype).T) * shared
+        out = out + shared
+    out = out.reshape(shape)
+    if not return_stats:
+        return out
+
+    tokens_per_expert = torch.tensor(kept_per_expert, dtype=torch.int64, device=x.device)
+    if routing == "token_choice":
+        aux = _oracle_aux_loss(logits, ids_for_loss, scoring, padding_mask)
+        dropped = 1 - tokens_per_expert.sum().item() / max(T * top_k, 1)
+    else:
+        aux = logits.new_zeros((), dtype=torch.float32)
+        covered = torch.zeros(T, dtype=torch.bool, device=x.device)
+        for tok, _ in picks:
+            covered[tok] = True
+        dropped = 1 - covered.float().mean().item() if T else 0.0
+    stats = {"router_logits": logits, "aux_loss": aux, "z_loss": _oracle_z_loss(logits, padding_mask),
+             "tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped,
+             "router_entropy": _oracle_entropy(logits, scoring, padding_mask)}
+    return out, stats
+
+
+def _oracle_route(logits: Tensor, k: int, renormalize: bool, scoring: str, selection_bias: Tensor | None,
+                  num_groups: int, topk_groups: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Token-choice routing the way the model code writes it (torch.topk; ties unspecified)."""
+    z = logits.to(opmath_dtype(logits.dtype))
+    s = {"softmax": lambda: torch.softmax(z, -1), "sigmoid": lambda: torch.sigmoid(z),
+         "softmax_topk": lambda: z}[scoring]()
+    choice = s.detach()
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    if num_groups > 1:
+        T, E = choice.shape
+        size = E // num_groups
+        grouped = choice.view(T, num_groups, size)
+        group_score = grouped.topk(min(2, size), dim=-1).values.sum(-1)
+        best_groups = group_score.topk(topk_groups, dim=-1).indices
+        allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=choice.device)
+        allowed[torch.arange(T, device=choice.device)[:, None], best_groups] = True
+        choice = choice.masked_fill(~allowed.repeat_interleave(size, dim=1), -torch.inf)
+    ids = choice.topk(k, dim=-1).indices
+    if scoring == "softmax_topk":
+        weights = torch.softmax(z.gather(1, ids), dim=-1)
+    else:
+        weights = s.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
+
+
+def _oracle_capacity(tokens_per_group: int, k: int, E: int, factor: float | None, fixed: int | None) -> int:
+    if fixed is not None:
+        return fixed
+    if factor is None:
+        return -1
+    return int(torch.tensor(factor * tokens_per_group * k / E, dtype=torch.float64).ceil())
+
+
+def _oracle_probs(logits: Tensor, scoring: str) -> Tensor:
+    z = logits.to(opmath_dtype(logits.dtype))
+    if scoring == "sigmoid":
+        s = torch.sigmoid(z)
+        return s / s.sum(-1, keepdim=True)
+    return torch.softmax(z, dim=-1)
+
+
+def _oracle_mask(logits: Tensor, padding_mask: Tensor | None) -> Tensor:
+    if padding_mask is None:
+        return torch.ones(logits.shape[0], dtype=opmath_dtype(logits.dtype), device=logits.device)
+    return padding_mask.reshape(-1).to(opmath_dtype(logits.dtype))
+
+
+def _oracle_aux_loss(logits: Tensor, ids: Tensor, scoring: str, padding_mask: Tensor | None) -> Tensor:
+    """E * sum_e f_e * P_e over the real tokens: f_e = share of their picks, P_e = mean prob."""
+    E, k = logits.shape[1], ids.shape[1]
+    m = _oracle_mask(logits, padding_mask)
+    n = m.sum()
+    chosen = F.one_hot(ids, E).to(m.dtype).sum(1)  # [T, E]
+    f = (chosen * m[:, None]).sum(0) / (n * k)
+    p = (_oracle_probs(logits, scoring) * m[:, None]).sum(0) / n
+    return E * (f * p).sum()
+
+
+def _oracle_z_loss(logits: Tensor, padding_mask: Tensor | None) -> Tensor:
+    m = _oracle_mask(logits, padding_mask)
+    lse = torch.logsumexp(logits.to(m.dtype), dim=-1)
+    return (lse ** 2 * m).sum() / m.sum()
+
+
+def _oracle_entropy(logits: Tensor, scoring: str, padding_mask: Tensor | None) -> Tensor:
+    m = _oracle_mask(logits, padding_mask)
+    p = _oracle_probs(logits.detach(), scoring)
+    h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    return (h * m).sum() / m.sum()

@@ -51,7 +51,20 @@ class Router(nn.Module):
             # Switch Transformer's multiplicative jitter, on the router's input only.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, self.weight.to(dtype), bias)
+        if self.dtype_override is None:
+            return F.linear(x, self.weight.to(dtype), bias)
+        # An explicit router dtype wins over autocast (DeepSeek-V3 and Switch route in float32).
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, self.weight.to(dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16) must not round the selection bias: its update steps (about 1e-3)
+        # vanish in bfloat16 once the bias grows. It follows the module's device only.
+        bias = self._buffers.get("selection_bias")
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self._buffers["selection_bias"] = bias.to(device=self._buffers["selection_bias"].device)
+        return self
 
     def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
         if self.selection_bias is None:
