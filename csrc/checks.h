@@ -44,6 +44,17 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
               what, "), got shape ", shape_str(t));
 }
 
+// A floating [T, ...] tensor of tokens and the int64 [T, k] expert ids that route them.
+inline void check_tokens_and_ids(const at::Tensor& tokens, const char* name, const char* layout,
+                                 const at::Tensor& ids, const char* tokens_of) {
+  check_rank(tokens, name, 2, layout);
+  check_floating(tokens, name);
+  check_rank(ids, "expert_ids", 2, "[T, k]");
+  check_index(ids, "expert_ids");
+  check_same_device(tokens, name, ids, "expert_ids");
+  check_size(ids, "expert_ids", 0, tokens.size(0), tokens_of);
+}
+
 // The accumulation type of a tensor dtype: router weights and reductions use it.
 inline at::ScalarType opmath_dtype(at::ScalarType dt) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;

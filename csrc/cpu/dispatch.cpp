@@ -23,12 +23,7 @@ struct DispatchDims {
 DispatchDims check_dispatch_args(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts,
                                  int64_t capacity, const c10::optional<at::Tensor>& priority,
                                  int64_t token_groups) {
-  check_rank(x, "x", 2, "[T, d]");
-  check_floating(x, "x");
-  check_rank(ids, "expert_ids", 2, "[T, k]");
-  check_index(ids, "expert_ids");
-  check_same_device(x, "x", ids, "expert_ids");
-  check_size(ids, "expert_ids", 0, x.size(0), "T, the tokens of x");
+  check_tokens_and_ids(x, "x", "[T, d]", ids, "T, the tokens of x");
   TORCH_CHECK(num_experts >= 1, "num_experts: expected >= 1, got ", num_experts);
   TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "expert_ids: expected k = size(1) in [1, ",
               num_experts, "], got shape ", shape_str(ids));

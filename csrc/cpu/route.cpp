@@ -144,13 +144,8 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_
 at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                               const at::Tensor& ids_in, bool renormalize, c10::string_view scoring_name,
                               double scale) {
-  check_rank(logits_in, "logits", 2, "[T, E]");
-  check_floating(logits_in, "logits");
-  check_rank(ids_in, "expert_ids", 2, "[T, k]");
-  check_index(ids_in, "expert_ids");
-  check_same_device(logits_in, "logits", ids_in, "expert_ids");
+  check_tokens_and_ids(logits_in, "logits", "[T, E]", ids_in, "T, the tokens of logits");
   check_same_device(logits_in, "logits", grad_weights_in, "grad_weights");
-  check_size(ids_in, "expert_ids", 0, logits_in.size(0), "T, the tokens of logits");
   TORCH_CHECK(grad_weights_in.sizes() == ids_in.sizes(), "grad_weights: expected shape ",
               shape_str(ids_in), " (the shape of expert_ids), got ", shape_str(grad_weights_in));
   const Scoring scoring = parse_scoring(std::string(scoring_name));
