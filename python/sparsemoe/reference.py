@@ -59,8 +59,8 @@ def route(logits: Tensor, k: int, renormalize: bool = True, scoring: str = "soft
     T, E = c.shape
     if num_groups > 1:
         grouped = c.view(T, num_groups, E // num_groups)
-        best = torch.gather(grouped, -1, expert_order(grouped.reshape(-1, E // num_groups))
-                            .view(T, num_groups, -1)[..., :2])
+        per = E // num_groups
+        best = torch.gather(grouped, -1, expert_order(grouped.reshape(-1, per)).view(T, num_groups, per)[..., :2])
         group_score = best.sum(-1)
         keep = expert_order(group_score)[:, :topk_groups]
         allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=c.device)
@@ -161,6 +161,8 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
 
 def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor:
     acc = opmath_dtype(rows.dtype)
+    if rows.shape[0] == 0:  # every pick dropped (capacity 0): nothing to gather
+        return rows.new_zeros(slot.shape[0], rows.shape[1])
     picked = rows[slot.clamp(min=0)].to(acc) * (slot >= 0).unsqueeze(-1)
     if weights is not None:
         picked = picked * weights.unsqueeze(-1)
@@ -179,6 +181,8 @@ def scatter_rows(src: Tensor, slot: Tensor, weights: Tensor | None, num_rows: in
 
 def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
     acc = opmath_dtype(a.dtype)
+    if b.shape[0] == 0:
+        return a.new_zeros(slot.shape, dtype=acc)
     dots = (a.to(acc).unsqueeze(1) * b[slot.clamp(min=0)].to(acc)).sum(-1)
     return dots * (slot >= 0)
 
