@@ -372,6 +372,37 @@ def test_switch_capacity_drops_per_sequence(router_bias):
 # --- errors -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_aux_loss_is_hf_loss_over_k(family):
+    """HF's load_balancing_loss_func (padding excluded through attention_mask) is k times ours:
+    sparsemoe normalises to 1.0 at perfect balance, as Switch and Megatron do."""
+    block, config = make_block(family)
+    layer = from_hf(block, config)
+    x = make_input()
+    mask = torch.rand(x.shape[:-1], generator=torch.Generator().manual_seed(3)) > 0.3
+    hf_module = __import__(type(block).__module__, fromlist=["load_balancing_loss_func"])
+    k = layer.top_k
+    with torch.no_grad():
+        layer(x)
+        want = hf_module.load_balancing_loss_func((layer.router_logits,), layer.num_experts, k)
+        torch.testing.assert_close(k * layer.aux_loss, want, rtol=1e-6, atol=1e-6)
+        layer(x, padding_mask=mask)
+        want = hf_module.load_balancing_loss_func((layer.router_logits,), layer.num_experts, k, mask.long())
+        torch.testing.assert_close(k * layer.aux_loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_z_loss_is_switch_router_z_loss():
+    from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
+
+    block, config = make_block("switch_transformers")
+    layer = from_hf(block, config)
+    x = make_input()
+    with torch.no_grad():
+        layer(x)
+    want = router_z_loss_func(layer.router_logits.view(*x.shape[:-1], -1))
+    torch.testing.assert_close(layer.z_loss, want, rtol=1e-6, atol=1e-6)
+
+
 def test_errors_name_the_argument():
     block, config = make_block("mixtral")
     with pytest.raises(TypeError, match=r"block: expected one of .*got torch\.nn\.modules\.linear\.Linear"):

@@ -319,7 +319,7 @@ def test_autocast_bf16_matches_bf16_layer(case):
 
 def test_autocast_router_dtype_float32_keeps_fp32_router():
     # DeepSeek-V3's float32 router: under bf16 autocast the logits must still be float32,
-    # computed from the float32 input and weight (router_dtype's contract in API.md).
+    # computed from the float32 input and weight (router_dtype's contract).
     opts, shape = CASES["preset_deepseek_v3"]
     layer = build(opts, torch.float32, seed=9)
     x, _ = inputs(shape, torch.float32, seed=10)
