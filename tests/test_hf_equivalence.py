@@ -148,7 +148,7 @@ def make_input(dtype=torch.float32, seed=1):
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-# --- the layer as API.md defines it, from sparsemoe.reference -------------------------------------
+# --- the layer as the README defines it, from sparsemoe.reference --------------------------------
 
 
 def reference_layer(sd, opts, x):
