@@ -1,123 +1,418 @@
-"""Train a tiny Mixture-of-Experts network on CPU: ``python -m sparsemoe.demo``.
+"""The ``sparsemoe demo`` job: two small byte-level decoder-only transformer language models
+trained on the same text, one whose feed-forward blocks are ``sparsemoe.MoELayer`` (8 experts,
+top-2 by default) and one with a dense SwiGLU FFN of the same *active* size (dense d_ff =
+top_k * expert d_ff, so each token goes through the same number of FFN weights in both). It
+prints their train and held-out losses, their training speed and the MoE model's expert load
+per layer, and writes a plot and a JSON summary.
 
-The model is a small residual MLP whose feed-forward blocks are ``sparsemoe.MoELayer``::
-
-    x -> Linear -> [x + MoE(LayerNorm(x))] x 2 -> LayerNorm -> Linear -> y
-
-It learns to imitate a fixed, randomly initialised teacher network (a dense tanh MLP) from
-fresh random inputs at every step. The training loss is the regression error plus a small
-multiple of each layer's load-balancing loss (``layer.aux_loss``), which keeps the router
-from sending every token to the same few experts. Every few steps the demo prints the loss,
-the aux loss and how the routed tokens are spread over the experts (``tokens_per_expert``
-as fractions, summed over both MoE layers; 1/E each is a perfect balance).
-
-Try ``--aux-coef 0`` to watch the balance get worse, or ``--experts 16 --top-k 1``.
+The default corpus is the text of Python's own documentation topics (``pydoc_data.topics``,
+about 0.5 MB of English that every CPython installation carries); ``--corpus FILE`` trains on
+any other file, read as bytes.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import math
+import os
+import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import MoELayer
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Used when pydoc_data is missing (some distributions split it off): a short text, so the demo
+# still runs; --corpus FILE gives it something better to read.
+_FALLBACK_TEXT = """\
+A mixture of experts replaces the feed-forward block of a transformer with many smaller
+feed-forward networks, the experts, and a router that sends each token to a few of them. The
+model holds many more parameters than a dense model of the same cost, because every token only
+goes through the experts it was sent to. The router is a linear layer that scores every expert
+for every token; the top scoring experts process the token and their outputs are added up,
+weighted by the router's probabilities. Left alone, a router tends to send most tokens to the
+same few experts, which then learn faster and attract even more tokens: a small load-balancing
+loss that rewards an even spread keeps all experts in use. Some models cap how many tokens an
+expert may take in a batch and drop the rest, others route every token to its experts however
+uneven the load. Language models read text as a sequence of tokens and learn to predict the
+next one; this demo reads raw bytes, so the vocabulary is the 256 possible byte values and no
+tokenizer is needed. A byte-level model has to learn spelling before it can learn words, and
+words before it can learn grammar, so its loss falls in stages: first the frequent letters and
+the space, then common words, then the structure of sentences.
+"""
 
 
-class TinyMoENet(nn.Module):
-    """Input projection, ``depth`` pre-norm residual MoE blocks, output projection."""
+class CLIError(Exception):
+    """A bad argument or input: reported as one line on stderr, exit code 2."""
 
-    def __init__(self, d_in: int, d_model: int, d_ff: int, d_out: int, num_experts: int,
-                 top_k: int, depth: int = 2):
+
+def load_corpus(path: str | None) -> tuple[bytes, str]:
+    """The training text as bytes and a description of where it came from."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise CLIError(f"--corpus: no such file: {path}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CLIError(f"--corpus: cannot read {path}: {e.strerror or e}") from None
+        return data, path
+    try:
+        from pydoc_data import topics
+        text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+        return text.encode("utf-8"), "pydoc_data.topics (Python documentation)"
+    except Exception:  # pragma: no cover - depends on the Python distribution
+        return _FALLBACK_TEXT.encode("utf-8"), "built-in fallback text (pydoc_data not available)"
+
+
+# ----------------------------------------------------------------------------- models
+
+class DenseSwiGLU(nn.Module):
+    """The dense counterpart of one MoE layer: a single SwiGLU FFN."""
+
+    def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.inp = nn.Linear(d_in, d_model)
-        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(depth))
-        self.moes = nn.ModuleList(MoELayer(d_model, d_ff, num_experts, top_k) for _ in range(depth))
-        self.out_norm = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, d_out)
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for norm, moe in zip(self.norms, self.moes):
-            h = h + moe(norm(h))
-        return self.out(self.out_norm(h))
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the load-balancing losses of the last forward."""
-        return sum(moe.aux_loss for moe in self.moes)
-
-    def expert_load(self) -> torch.Tensor:
-        """Share of the routed tokens each expert got in the last forward (summed over layers)."""
-        counts = sum(moe.tokens_per_expert for moe in self.moes)
-        return counts.double() / counts.sum()
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
-def make_teacher(d_in: int, d_out: int, width: int = 64) -> nn.Module:
-    """A fixed random dense network: the function the student has to learn."""
-    teacher = nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                            nn.Linear(width, d_out))
-    return teacher.requires_grad_(False)
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, D))
+        return x + self.ffn(self.norm2(x))
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
-    parser.add_argument("--top-k", type=int, default=2, help="experts picked per token")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--batch", type=int, default=256, help="tokens per step")
-    parser.add_argument("--d-model", type=int, default=32, help="model width")
-    parser.add_argument("--d-ff", type=int, default=64, help="hidden width of each expert")
-    parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the aux loss")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    parser.add_argument("--log-every", type=int, default=20, help="print every N steps")
-    args = parser.parse_args(argv)
+class ByteLM(nn.Module):
+    """Decoder-only transformer over bytes (vocabulary 256), learned positions, tied embeddings."""
 
-    torch.manual_seed(args.seed)
-    d_in, d_out = 16, 4
-    teacher = make_teacher(d_in, d_out)
-    with torch.no_grad():  # scale the target to unit variance so the loss starts near 1
-        target_std = teacher(torch.randn(4096, d_in)).std()
-    model = TinyMoENet(d_in, args.d_model, args.d_ff, d_out, args.experts, args.top_k)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    print(f"TinyMoENet: 2 MoE layers, {args.experts} experts, top-{args.top_k}, "
-          f"{sum(p.numel() for p in model.parameters())} parameters; batch {args.batch}")
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, seq_len: int, make_ffn):
+        super().__init__()
+        self.embed = nn.Embedding(256, d_model)
+        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, make_ffn()) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # tied with the output: keep the first logits small
 
-    def eval_loss() -> float:
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(args.seed + 1)  # a fixed held-out batch
-            x = torch.randn(2048, d_in, generator=gen)
-            return F.mse_loss(model(x), teacher(x) / target_std).item()
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.T
 
-    initial = eval_loss()
-    start = time.perf_counter()
+    def moe_layers(self) -> list:
+        from .layer import MoELayer
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+
+def count_params(model: ByteLM, top_k: int | None = None) -> tuple[int, int]:
+    """(total, active per token): for MoE layers only top_k of the experts count as active."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    for moe in model.moe_layers():
+        expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.num_experts
+        active -= (moe.num_experts - moe.top_k) * expert
+    return total, active
+
+
+# ----------------------------------------------------------------------------- progress bar
+
+class Progress:
+    """A minimal progress bar on stderr (redrawn in place on a terminal, a few lines otherwise)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+        self.next_quarter = 0
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        done = step >= self.total
+        if self.tty:
+            if not done and now - self.last_draw < 0.1:
+                return
+            self.last_draw = now
+            frac = step / self.total
+            width = 30
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            elapsed = now - self.start
+            eta = elapsed / step * (self.total - step) if step else float("nan")
+            extra = f" loss {loss:.3f}" if loss is not None else ""
+            sys.stderr.write(f"\r{self.label:>5} [{bar}] {step}/{self.total} {elapsed:5.1f}s eta {eta:4.0f}s{extra}  ")
+            if done:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        else:
+            quarter = 4 * step // self.total
+            if quarter >= self.next_quarter:
+                self.next_quarter = quarter + 1
+                extra = f" loss {loss:.3f}" if loss is not None else ""
+                sys.stderr.write(f"{self.label}: step {step}/{self.total} "
+                                 f"({now - self.start:.1f}s){extra}\n")
+                sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- demo
+
+def check_device(name: str) -> torch.device:
+    """Parse --device and make sure tensors and the sparsemoe ops work there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
+    if device.type == "cuda":
+        import sparsemoe
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available in this torch build or on this machine")
+        if not sparsemoe._C.with_cuda:
+            raise CLIError(f"--device {name}: this sparsemoe build has no CUDA kernels (rebuild it against a CUDA torch)")
+    try:
+        from .layer import MoELayer
+        layer = MoELayer(8, 8, 2, 1, device=device)
+        layer(torch.randn(4, 8, device=device)).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means the device is unusable
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--device {name}: cannot run sparsemoe there: {msg}") from None
+    return device
+
+
+def validate_demo_args(args) -> None:
+    if args.top_k > args.experts:
+        raise CLIError(f"--top-k {args.top_k} is larger than --experts {args.experts}")
+    if args.d_model % args.heads:
+        raise CLIError(f"--heads {args.heads} does not divide --d-model {args.d_model}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out: {args.out} exists and is not a folder")
+
+
+def _batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> tuple:
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=gen)
+    window = torch.arange(seq_len + 1)
+    chunk = data[starts[:, None] + window]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dtype) -> dict:
+    """Train ``model``; return its curves, final losses and speed (and routing for MoE)."""
+    from .stats import routing_summary
+
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    moes = model.moe_layers()
+    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for both models
+    eval_every = args.eval_every or max(1, args.steps // 20)
+
+    def evaluate(batches) -> float:
+        model.eval()
+        with torch.no_grad(), torch.autocast(**autocast):
+            losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item() for x, y in batches]
+        model.train()
+        return sum(losses) / len(losses)
+
+    train_curve, eval_curve, load_history = [], [], []
+    eval_curve.append((0, evaluate(eval_sets["held_out"])))
+    progress = Progress(args.steps, kind, enabled=not args.no_progress)
+    train_time = 0.0
     for step in range(1, args.steps + 1):
-        x = torch.randn(args.batch, d_in)
-        y = teacher(x) / target_std
-        mse = F.mse_loss(model(x), y)
-        aux = model.aux_loss()
-        loss = mse + args.aux_coef * aux
+        x, y = _batch(train_data, args.batch_size, args.seq_len, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t0 = time.perf_counter()
+        with torch.autocast(**autocast):
+            logits = model(x)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = ce + args.aux_coef * sum(m.aux_loss for m in moes) if moes else ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % args.log_every == 0 or step == 1 or step == args.steps:
-            load = " ".join(f"{v:.2f}" for v in model.expert_load().tolist())
-            print(f"step {step:4d}  loss {mse.item():.4f}  aux {aux.item() / len(model.moes):.3f}  "
-                  f"load: {load}")
-    elapsed = time.perf_counter() - start
+        sched.step()
+        ce_value = ce.item()  # syncs, so the step time below is real on an accelerator too
+        train_time += time.perf_counter() - t0
+        if not math.isfinite(ce_value):
+            raise CLIError(f"{kind} model: the training loss became {ce_value} at step {step} (try a lower --lr)")
+        train_curve.append(ce_value)
+        if moes:
+            counts = moes[0].tokens_per_expert.detach().double().cpu()
+            load_history.append((counts / counts.sum().clamp_min(1)).tolist())
+        if step % eval_every == 0 or step == args.steps:
+            eval_curve.append((step, evaluate(eval_sets["held_out"])))
+        progress.update(step, ce_value)
 
-    final = eval_loss()
-    model(torch.randn(2048, d_in))  # expert load on a large fresh batch
-    load = model.expert_load()
-    print(f"held-out loss {initial:.4f} -> {final:.4f} ({initial / final:.1f}x lower) in "
-          f"{args.steps} steps, {elapsed:.1f}s; expert load max {load.max():.3f} / "
-          f"min {load.min():.3f} (uniform {1 / args.experts:.3f})")
-    return {"initial_loss": initial, "final_loss": final,
-            "max_load": load.max().item(), "min_load": load.min().item()}
+    result = {
+        "parameters": count_params(model)[0],
+        "active_parameters": count_params(model)[1],
+        "train_loss": evaluate(eval_sets["train"]),
+        "held_out_loss": eval_curve[-1][1],
+        "initial_held_out_loss": eval_curve[0][1],
+        "tokens_per_s": args.steps * args.batch_size * args.seq_len / max(train_time, 1e-9),
+        "train_seconds": train_time,
+        "train_curve": train_curve,
+        "eval_curve": [{"step": s, "loss": v} for s, v in eval_curve],
+    }
+    if moes:
+        # The final expert load, measured on one forward over all held-out batches.
+        model.eval()
+        with torch.no_grad(), torch.autocast(**autocast):
+            model(torch.cat([x for x, _ in eval_sets["held_out"]]).to(device))
+        model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = routing_summary(model)
+        result["routing"] = [
+            {"layer": s.name, "load": s.load, "router_entropy": s.router_entropy,
+             "max_entropy": math.log(len(s.load)), "aux_loss": s.aux_loss, "z_loss": s.z_loss,
+             "dropped_fraction": s.dropped_fraction, "tokens_per_expert": m.tokens_per_expert.tolist()}
+            for s, m in zip(summary, moes)]
+        result["routing_warnings"] = [str(w.message) for w in caught]
+        result["load_history_layer"] = summary[0].name if summary else None
+        result["load_history"] = load_history
+    return result
 
 
-if __name__ == "__main__":
-    main()
+def write_plot(path: str, results: dict, args) -> str | None:
+    """Loss curves of both models and the expert-load heat map of the first MoE layer."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped (pip install matplotlib)"
+
+    moe, dense = results["moe"], results["dense"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    window = max(1, len(moe["train_curve"]) // 30)
+
+    def smooth(values):
+        out, acc = [], 0.0
+        for i, v in enumerate(values):
+            acc += v
+            if i >= window:
+                acc -= values[i - window]
+            out.append(acc / min(i + 1, window))
+        return out
+
+    for name, r, color in (("MoE", moe, "tab:blue"), ("dense", dense, "tab:orange")):
+        steps = range(1, len(r["train_curve"]) + 1)
+        ax1.plot(steps, smooth(r["train_curve"]), color=color, alpha=0.6, lw=1, label=f"{name} train")
+        ax1.plot([e["step"] for e in r["eval_curve"]], [e["loss"] for e in r["eval_curve"]], "o-", color=color,
+                 ms=3, lw=1.8, label=f"{name} held-out")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy (nats / byte)")
+    ax1.set_title(f"byte-level LM: MoE {args.experts}x top-{args.top_k} vs dense of equal active size")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+
+    history = [list(row) for row in zip(*moe["load_history"])]  # [E][steps]
+    n_experts, n_steps = len(history), len(history[0])
+    im = ax2.imshow(history, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower",
+                    extent=(0.5, n_steps + 0.5, -0.5, n_experts - 0.5))
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("expert")
+    ax2.set_yticks(range(n_experts))
+    ax2.set_title(f"expert load of MoE layer '{moe['load_history_layer']}' (uniform = {1 / args.experts:.3f})")
+    fig.colorbar(im, ax=ax2, label="share of routed picks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run_demo(args) -> int:
+    from . import __version__
+    from .layer import MoELayer
+
+    validate_demo_args(args)
+    device = check_device(args.device)
+    dtype = DTYPES[args.dtype]
+    data, source = load_corpus(args.corpus)
+    split = int(len(data) * 0.9)
+    train_bytes, held_bytes = data[:split], data[split:]
+    need = args.seq_len + 2
+    if len(held_bytes) < need or len(train_bytes) < need:
+        raise CLIError(f"corpus {source}: {len(data)} bytes is too short for --seq-len {args.seq_len} "
+                       f"(need at least {math.ceil(need / 0.1)} bytes)")
+    train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
+    held_data = torch.frombuffer(bytearray(held_bytes), dtype=torch.uint8).long()
+    eval_gen = torch.Generator().manual_seed(args.seed + 2)
+    eval_sets = {name: [_batch(d, args.batch_size, args.seq_len, eval_gen) for _ in range(args.eval_batches)]
+                 for name, d in (("train", train_data), ("held_out", held_data))}
+
+    print(f"sparsemoe {__version__} demo: byte-level LM, {args.layers} layers, d_model {args.d_model}, "
+          f"{args.heads} heads, context {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
+          f"{device} {args.dtype}")
+    print(f"corpus: {source}, {len(data):,} bytes ({len(train_bytes):,} train / {len(held_bytes):,} held out)")
+
+    results = {}
+    dense_d_ff = args.top_k * args.expert_d_ff
+    builders = {
+        "moe": lambda: MoELayer(args.d_model, args.expert_d_ff, args.experts, args.top_k, activation="swiglu"),
+        "dense": lambda: DenseSwiGLU(args.d_model, dense_d_ff),
+    }
+    for kind in ("moe", "dense"):
+        torch.manual_seed(args.seed)
+        model = ByteLM(args.d_model, args.layers, args.heads, args.seq_len, builders[kind])
+        results[kind] = train_one(kind, model, args, train_data, eval_sets, device, dtype)
+
+    moe, dense = results["moe"], results["dense"]
+    print()
+    print(f"{'model':<34} {'params':>9} {'active':>9} {'train loss':>10} {'held-out':>9} {'tokens/s':>9}")
+    for label, r in ((f"MoE ({args.experts} experts, top-{args.top_k}, d_ff {args.expert_d_ff})", moe),
+                     (f"dense (d_ff {dense_d_ff})", dense)):
+        print(f"{label:<34} {r['parameters']:>9,} {r['active_parameters']:>9,} {r['train_loss']:>10.4f} "
+              f"{r['held_out_loss']:>9.4f} {r['tokens_per_s']:>9,.0f}")
+    print(f"(losses in nats per byte; a uniform guess is ln 256 = {math.log(256):.3f}; held-out started at "
+          f"{moe['initial_held_out_loss']:.3f} / {dense['initial_held_out_loss']:.3f})")
+    print("MoE expert load on the held-out batches (share of routed picks per expert; "
+          f"uniform = {1 / args.experts:.3f}):")
+    for r in moe["routing"]:
+        load = " ".join(f"{v:.3f}" for v in r["load"])
+        print(f"  {r['layer']:<14} {load}   entropy {r['router_entropy']:.2f}/{r['max_entropy']:.2f} nats, "
+              f"aux {r['aux_loss']:.3f}")
+    for w in moe["routing_warnings"]:
+        print(f"  warning: {w}")
+
+    os.makedirs(args.out, exist_ok=True)
+    png = os.path.join(args.out, "demo.png")
+    note = write_plot(png, results, args)
+    summary = {
+        "sparsemoe_version": __version__, "torch_version": torch.__version__,
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
+        | {"dense_d_ff": dense_d_ff, "device": str(device), "corpus_source": source, "corpus_bytes": len(data)},
+        "moe": moe, "dense": dense, "plot": None if note else png,
+    }
+    js = os.path.join(args.out, "summary.json")
+    with open(js, "w") as f:
+        json.dump(summary, f, indent=1)
+    if note:
+        print(note)
+    else:
+        print(f"plot: {png}")
+    print(f"summary: {js}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
