@@ -53,7 +53,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import ops
 from .layer import MoELayer
 
 __all__ = ["ConvertedBlock", "ConversionSummary", "MoEBertOutput", "MoEFFN", "Passthrough", "collect_moe_losses",

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .losses import load_balancing_loss, router_probs, z_loss
+from .losses import balance_loss_from_probs, router_probs, z_loss
 from .routing import Router, capacity_for, check_choice
 from .shared_expert import SharedExpert
 
@@ -152,13 +152,15 @@ class MoELayer(nn.Module):
             capacity = capacity_for(T // groups, self.top_k, E, self.capacity_factor or 1.0, self.expert_capacity)
             priority = weights.detach()
         weights = weights.to(ops.opmath_dtype(tokens.dtype))
-        x_sorted, offsets, slot = ops.dispatch(tokens, ids, E, capacity, priority, groups)
         if self.weights_on_input:
-            # Llama-4: the router weight scales each expert's input; outputs add up unweighted.
-            x_in = ops.scatter_rows(tokens, slot, weights, x_sorted.shape[0])
+            # Llama-4: the router weight scales each expert's input and outputs add up unweighted.
+            # Dispatch only plans (a zero-width x copies nothing); scatter_rows writes the rows.
+            plan, offsets, slot = ops.dispatch(tokens[:, :0], ids, E, capacity, priority, groups)
+            x_in = ops.scatter_rows(tokens, slot, weights, plan.shape[0])
             y = ops.expert_ffn(x_in, offsets, w1, w2, self.activation, b1, b2, self.swiglu_alpha, self.swiglu_limit)
             out = ops.combine(y, slot, None)
         else:
+            x_sorted, offsets, slot = ops.dispatch(tokens, ids, E, capacity, priority, groups)
             y = ops.expert_ffn(x_sorted, offsets, w1, w2, self.activation, b1, b2, self.swiglu_alpha,
                                self.swiglu_limit)
             out = ops.combine(y, slot, weights)
@@ -175,15 +177,16 @@ class MoELayer(nn.Module):
                       padding_mask: Tensor | None) -> None:
         self.router_logits = logits
         self.tokens_per_expert = offsets.diff()
+        probs = router_probs(logits, self.scoring)  # once, for the aux loss and the entropy
         if self.routing == "token_choice":
-            self.aux_loss = load_balancing_loss(logits, ids, padding_mask, self.scoring)
+            self.aux_loss = balance_loss_from_probs(probs, ids, padding_mask)
             self.dropped_fraction = 1 - offsets[-1].to(torch.float32) / max(slot.numel(), 1)
         else:  # balanced by construction; a token no expert picked is the dropped one
             self.aux_loss = logits.new_zeros((), dtype=torch.float32)
             self.dropped_fraction = 1 - (slot >= 0).any(1).float().mean() if slot.shape[0] else logits.new_zeros(())
         self.z_loss = z_loss(logits, padding_mask)
         with torch.no_grad():
-            p = router_probs(logits.detach(), self.scoring)
+            p = probs.detach()
             entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
             if padding_mask is not None:
                 real = padding_mask.reshape(-1).to(entropy.dtype)

@@ -37,10 +37,14 @@ def load_balancing_loss(router_logits: Tensor, expert_ids: Tensor, attention_mas
     (the Switch / Megatron normalisation; Hugging Face's Mixtral-style loss is k times this).
     Only ``P_e`` carries gradient.
     """
-    T, E = router_logits.shape
+    return balance_loss_from_probs(router_probs(router_logits, scoring), expert_ids, attention_mask)
+
+
+def balance_loss_from_probs(probs: Tensor, expert_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """load_balancing_loss from routing probabilities already at hand ([T, E], opmath)."""
+    T, E = probs.shape
     k = expert_ids.shape[1]
-    probs = router_probs(router_logits, scoring)
-    mask = _token_mask(router_logits, attention_mask)
+    mask = _token_mask(probs, attention_mask)
     weight = torch.ones(T, dtype=probs.dtype, device=probs.device) if mask is None else mask
     tokens = weight.sum().clamp_min(1)
     counts = torch.zeros(E, dtype=probs.dtype, device=probs.device)
