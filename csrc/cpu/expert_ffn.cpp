@@ -2,10 +2,17 @@
 // backward. Each GEMM runs through at::mm_out (MKL / oneDNN with AVX-512 or AVX512-BF16)
 // on views of the segment, so no rows are copied.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <tuple>
+#include <vector>
 
 #include "activation.h"
 #include "checks.h"
+#include "cpu/activation_kernels.h"
+#include "cpu/expert_blocks.h"
+#include "cpu/fresh_buffers.h"
 #include "cpu/index_checks.h"
 
 namespace sparsemoe {
@@ -53,8 +60,11 @@ FfnDims check_ffn_args(const at::Tensor& x, const at::Tensor& offsets, const at:
   return s;
 }
 
-// at::mm_out into a view of a larger tensor (the views are rvalues, mm_out wants an lvalue).
+// GEMMs of one block, on views of the buffers. They run inside for_each_block's threads, where
+// the BLAS stays single-threaded.
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+void sum_rows_into(at::Tensor out, const at::Tensor& a) { at::sum_out(out, a, 0); }
 
 // out = bias + a @ b (bias broadcast over rows), or a @ b without a bias.
 void linear_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
@@ -65,19 +75,17 @@ void linear_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const
   }
 }
 
-void sum_rows_into(at::Tensor out, const at::Tensor& a) { at::sum_out(out, a, 0); }
-
-// Calls fn(e, first_row, rows) for each expert that owns at least one row.
-template <typename Fn>
-void for_each_segment(const at::Tensor& offsets, Fn&& fn) {
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  for (int64_t e = 0; e + 1 < offsets.numel(); ++e) {
-    if (o[e + 1] > o[e]) fn(e, o[e], o[e + 1] - o[e]);
-  }
+at::Tensor slice_or_undefined(const at::Tensor& t, int64_t e, int64_t c0, int64_t cn) {
+  return t.defined() ? t[e].narrow(0, c0, cn) : at::Tensor();
 }
 
 at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+template <typename T>
+T* row_ptr(const at::Tensor& t, int64_t row, int64_t col) {
+  return t.data_ptr<T>() + row * t.stride(0) + col;
 }
 
 std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in,
@@ -91,20 +99,42 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   const FfnDims s = check_ffn_args(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in);
   const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor b1 = contiguous_or_undefined(b1_in), b2 = contiguous_or_undefined(b2_in);
-  at::Tensor hidden = at::empty({s.N, s.F1}, x.options());
-  at::Tensor y = at::empty({s.N, s.d}, x.options());
-  for_each_segment(offsets, [&](int64_t e, int64_t r0, int64_t n) {
-    linear_into(hidden.narrow(0, r0, n), x.narrow(0, r0, n), w1[e].t(), b1.defined() ? b1[e] : at::Tensor());
+  const bool gated = is_gated(act);
+  at::Tensor hidden = empty_large({s.N, s.F1}, x.options());
+  at::Tensor a = empty_large({s.M, s.f}, x.options());
+  at::Tensor y = empty_large({s.N, s.d}, x.options());
+  const int64_t* o = offsets.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {
+    // First projection and activation, by blocks of activation columns: a gated block computes
+    // its gate and up columns, so the activation needs nothing outside the block.
+    for_each_block(expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+      const at::Tensor rows = x.narrow(0, b.r0, b.n);
+      const at::Tensor h = hidden.narrow(0, b.r0, b.n);
+      linear_into(h.narrow(1, b.c0, b.cn), rows, w1[b.e].narrow(0, b.c0, b.cn).t(),
+                  slice_or_undefined(b1, b.e, b.c0, b.cn));
+      if (gated) {
+        linear_into(h.narrow(1, s.f + b.c0, b.cn), rows, w1[b.e].narrow(0, s.f + b.c0, b.cn).t(),
+                    slice_or_undefined(b1, b.e, s.f + b.c0, b.cn));
+      }
+      const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
+      activation_forward_block<scalar_t>(act, {g, gated ? g + s.f : nullptr, s.F1},
+                                         {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f}, b.n, b.cn);
+    });
   });
-  const at::Tensor a = activation_forward(hidden.narrow(0, 0, s.M), act);
-  for_each_segment(offsets, [&](int64_t e, int64_t r0, int64_t n) {
-    linear_into(y.narrow(0, r0, n), a.narrow(0, r0, n), w2[e].t(), b2.defined() ? b2[e] : at::Tensor());
+  // Second projection, by blocks of output columns.
+  for_each_block(expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
+    linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), a.narrow(0, b.r0, b.n),
+                w2[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
   });
   // Capacity padding rows belong to no expert: they output zero.
   hidden.narrow(0, s.M, s.N - s.M).zero_();
   y.narrow(0, s.M, s.N - s.M).zero_();
   return {y, hidden};
 }
+
+// The backward's second phase mixes three kinds of blocks over one thread split.
+enum BackwardBlock : int64_t { kGradX, kGradW1, kGradW2 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& offsets_in,
@@ -122,28 +152,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
   check_dtype(hidden_in, "hidden", x_in.scalar_type());
   const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  const at::Tensor gy = grad_y_in.contiguous(), hidden = hidden_in.narrow(0, 0, s.M).contiguous();
+  const at::Tensor gy = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
+  const bool gated = is_gated(act);
+  const int64_t* o = offsets.data_ptr<int64_t>();
 
-  const at::Tensor a = activation_forward(hidden, act);
-  at::Tensor grad_a = at::empty({s.M, s.f}, x.options());
-  // Zeros, not empty: experts that own no rows must report an exactly zero gradient.
-  at::Tensor grad_w1 = at::zeros_like(w1), grad_w2 = at::zeros_like(w2);
-  at::Tensor grad_b1 = at::zeros({bias_grads ? s.E : 0, s.F1}, x.options());
-  at::Tensor grad_b2 = at::zeros({bias_grads ? s.E : 0, s.d}, x.options());
-  for_each_segment(offsets, [&](int64_t e, int64_t r0, int64_t n) {
-    const at::Tensor gy_e = gy.narrow(0, r0, n);
-    mm_into(grad_a.narrow(0, r0, n), gy_e, w2[e]);
-    mm_into(grad_w2[e], gy_e.t(), a.narrow(0, r0, n));
-    if (bias_grads) sum_rows_into(grad_b2[e], gy_e);
-  });
-  const at::Tensor grad_h = activation_backward(grad_a, hidden, act);
-  at::Tensor grad_x = at::empty({s.N, s.d}, x.options());
+  at::Tensor a = empty_large({s.M, s.f}, x.options());
+  at::Tensor grad_h = empty_large({s.M, s.F1}, x.options());
+  at::Tensor grad_x = empty_large({s.N, s.d}, x.options());
+  at::Tensor grad_w1 = empty_large(w1.sizes(), w1.options()), grad_w2 = empty_large(w2.sizes(), w2.options());
+  at::Tensor grad_b1 = at::empty({bias_grads ? s.E : 0, s.F1}, x.options());
+  at::Tensor grad_b2 = at::empty({bias_grads ? s.E : 0, s.d}, x.options());
   grad_x.narrow(0, s.M, s.N - s.M).zero_();  // padding rows feed no expert
-  for_each_segment(offsets, [&](int64_t e, int64_t r0, int64_t n) {
-    const at::Tensor gh_e = grad_h.narrow(0, r0, n);
-    mm_into(grad_x.narrow(0, r0, n), gh_e, w1[e]);
-    mm_into(grad_w1[e], gh_e.t(), x.narrow(0, r0, n));
-    if (bias_grads) sum_rows_into(grad_b1[e], gh_e);
+  for (int64_t e = 0; e < s.E; ++e) {
+    if (o[e + 1] > o[e]) continue;
+    // Experts that own no rows report an exactly zero gradient.
+    grad_w1[e].zero_();
+    grad_w2[e].zero_();
+    if (bias_grads) {
+      grad_b1[e].zero_();
+      grad_b2[e].zero_();
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn_backward", [&] {
+    // Phase 1, by blocks of activation columns: grad_a = grad_y @ w2 for the block, then the
+    // activation's backward (which also recomputes a for grad_w2) while the block is in cache.
+    for_each_block(expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+      at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
+      mm_into(grad_a, gy.narrow(0, b.r0, b.n), w2[b.e].narrow(1, b.c0, b.cn));
+      const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
+      scalar_t* gg = row_ptr<scalar_t>(grad_h, b.r0, b.c0);
+      activation_backward_block<scalar_t>(act, grad_a.data_ptr<scalar_t>(), b.cn,
+                                          {g, gated ? g + s.f : nullptr, s.F1},
+                                          {gg, gated ? gg + s.f : nullptr, s.F1},
+                                          {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f}, b.n, b.cn);
+    });
+  });
+
+  // Phase 2: grad_x by blocks of its columns; the weight gradients by blocks of their rows, each
+  // a GEMM that reduces over all of the expert's rows, so no thread shares an output element.
+  std::vector<Block> blocks = expert_blocks(o, s.E, s.d, s.F1, kGradX);
+  for (const auto& [kind, cols, inner] : {std::tuple{kGradW1, s.F1, s.d}, std::tuple{kGradW2, s.d, s.f}}) {
+    for (const Block& b : expert_blocks(o, s.E, cols, inner, kind)) blocks.push_back(b);
+  }
+  for_each_block(blocks, [&](const Block& b) {
+    const int64_t e = b.e;
+    if (b.kind == kGradX) {
+      mm_into(grad_x.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), grad_h.narrow(0, b.r0, b.n),
+              w1[e].narrow(1, b.c0, b.cn));
+    } else if (b.kind == kGradW1) {
+      const at::Tensor gh = grad_h.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn);
+      mm_into(grad_w1[e].narrow(0, b.c0, b.cn), gh.t(), x.narrow(0, b.r0, b.n));
+      if (bias_grads) sum_rows_into(grad_b1[e].narrow(0, b.c0, b.cn), gh);
+    } else {
+      const at::Tensor g = gy.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn);
+      mm_into(grad_w2[e].narrow(0, b.c0, b.cn), g.t(), a.narrow(0, b.r0, b.n));
+      if (bias_grads) sum_rows_into(grad_b2[e].narrow(0, b.c0, b.cn), g);
+    }
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }

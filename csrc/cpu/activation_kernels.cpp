@@ -1,0 +1,318 @@
+#include "cpu/activation_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// The row loops are compiled for AVX-512 and AVX2 besides the baseline and picked at load time,
+// so one wheel runs everywhere and still vectorises the exp of the sigmoid on the CPUs that
+// have the wide units.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARSEMOE_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPARSEMOE_ISA_CLONES
+#endif
+#define SPARSEMOE_INLINE inline __attribute__((always_inline))
+
+namespace sparsemoe {
+namespace {
+
+template <typename To, typename From>
+SPARSEMOE_INLINE To bits_as(From v) {
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// Storage type <-> math type. bfloat16 is converted by hand (same round-to-nearest-even and NaN
+// as c10::BFloat16) because the plain shifts vectorise and c10's branchy version does not.
+template <typename T>
+struct Elem {
+  using acc = float;
+  static SPARSEMOE_INLINE float load(const T* p) { return static_cast<float>(*p); }
+  static SPARSEMOE_INLINE void store(T* p, float v) { *p = static_cast<T>(v); }
+};
+template <>
+struct Elem<double> {
+  using acc = double;
+  static SPARSEMOE_INLINE double load(const double* p) { return *p; }
+  static SPARSEMOE_INLINE void store(double* p, double v) { *p = v; }
+};
+template <>
+struct Elem<c10::BFloat16> {
+  using acc = float;
+  static SPARSEMOE_INLINE float load(const c10::BFloat16* p) { return bits_as<float>(uint32_t(p->x) << 16); }
+  static SPARSEMOE_INLINE void store(c10::BFloat16* p, float v) {
+    const uint32_t u = bits_as<uint32_t>(v);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    p->x = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+  }
+};
+
+// exp for float with a few ulp of error and no branches or calls, so the loops vectorise (the
+// libm call would not). Inputs are clamped to the range whose result is a normal float; the
+// sigmoid it feeds saturates long before that range ends. NaN stays NaN.
+SPARSEMOE_INLINE float exp_approx(float x) {
+  const bool nan = x != x;
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  x = nan ? 0.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = bits_as<float>(static_cast<int32_t>((static_cast<int32_t>(n) + 127) << 23));
+  return nan ? std::numeric_limits<float>::quiet_NaN() : p * scale;
+}
+SPARSEMOE_INLINE double exp_approx(double x) { return std::exp(x); }
+
+template <typename A>
+SPARSEMOE_INLINE A sigmoid(A x) {
+  return A(1) / (A(1) + exp_approx(-x));
+}
+
+// The math of each activation in the accumulation type A, as torch.nn.functional defines it.
+// rnd rounds to the storage type wherever eager PyTorch materialises an intermediate tensor
+// (the identity for float and double), so bfloat16 and float16 results are bitwise those of
+// the unfused ATen ops and of the reference: fusing saves the memory passes, not the roundings.
+template <typename A, typename Round>
+struct Math {
+  A alpha, limit;
+  Round rnd;
+
+  // a = silu(g) * u
+  SPARSEMOE_INLINE A swiglu(A g, A u) const { return rnd(g * sigmoid(g)) * u; }
+  // grad_g = silu_backward(grad_a * u, g), grad_u = grad_a * silu(g)
+  SPARSEMOE_INLINE void swiglu_grad(A ga, A g, A u, A& gg, A& gu, A& a) const {
+    const A s = sigmoid(g);
+    const A silu = rnd(g * s);
+    gg = rnd(ga * u) * s * (A(1) + g * (A(1) - s));
+    gu = ga * silu;
+    a = silu * u;
+  }
+  // GPT-OSS: gate clamped above at limit, up to [-limit, limit]; clamps pass the gradient inside
+  // the closed range, as torch.clamp; the masks multiply, so NaN still propagates.
+  // a = (up + 1) * (gate * sigmoid(gate * alpha))
+  SPARSEMOE_INLINE A clamped(A g, A u) const {
+    const A gc = g < limit ? g : (g != g ? g : limit);
+    const A uc = u < -limit ? -limit : (u > limit ? limit : u);
+    return rnd(uc + A(1)) * rnd(gc * rnd(sigmoid(rnd(gc * alpha))));
+  }
+  SPARSEMOE_INLINE void clamped_grad(A ga, A g, A u, A& gg, A& gu, A& a) const {
+    const A gc = g < limit ? g : (g != g ? g : limit);
+    const A uc = u < -limit ? -limit : (u > limit ? limit : u);
+    const A ga_alpha = rnd(gc * alpha);
+    const A s = rnd(sigmoid(ga_alpha));
+    const A glu = rnd(gc * s);
+    const A up1 = rnd(uc + A(1));
+    gu = rnd(ga * glu) * A(std::abs(u) <= limit);
+    const A dglu = rnd(s * rnd(A(1) + rnd(ga_alpha * rnd(A(1) - s))));
+    gg = rnd(rnd(ga * up1) * dglu) * A(g <= limit);
+    a = up1 * glu;
+  }
+  SPARSEMOE_INLINE A silu(A h) const { return h * sigmoid(h); }
+  SPARSEMOE_INLINE A silu_grad(A ga, A h, A& a) const {
+    const A s = sigmoid(h);
+    a = h * s;
+    return ga * s * (A(1) + h * (A(1) - s));
+  }
+  SPARSEMOE_INLINE A gelu(A h) const { return A(0.5) * h * (A(1) + std::erf(h * A(M_SQRT1_2))); }
+  SPARSEMOE_INLINE A gelu_grad(A ga, A h, A& a) const {
+    const A cdf = A(0.5) * (A(1) + std::erf(h * A(M_SQRT1_2)));
+    const A pdf = std::exp(A(-0.5) * h * h) * A(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    a = h * cdf;
+    return ga * (cdf + h * pdf);
+  }
+  static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  static constexpr double kKappa = 0.044715;
+  SPARSEMOE_INLINE A gelu_tanh(A h) const {
+    return A(0.5) * h * (A(1) + std::tanh(A(kBeta) * (h + A(kKappa) * h * h * h)));
+  }
+  SPARSEMOE_INLINE A gelu_tanh_grad(A ga, A h, A& a) const {
+    const A t = std::tanh(A(kBeta) * (h + A(kKappa) * h * h * h));
+    a = A(0.5) * h * (A(1) + t);
+    const A right = A(0.5) * h * (A(1) - t * t) * A(kBeta) * (A(1) + A(3 * kKappa) * h * h);
+    return ga * (A(0.5) * (A(1) + t) + right);
+  }
+  SPARSEMOE_INLINE A relu(A h) const { return h != h ? h : (h > A(0) ? h : A(0)); }
+  // threshold_backward: zero where h <= 0, the gradient elsewhere (NaN h passes it).
+  SPARSEMOE_INLINE A relu_grad(A ga, A h, A& a) const {
+    a = relu(h);
+    return h <= A(0) ? A(0) : ga;
+  }
+};
+
+// Rounds a math value through storage type T and back.
+template <typename T>
+struct RoundTo {
+  SPARSEMOE_INLINE typename Elem<T>::acc operator()(typename Elem<T>::acc v) const {
+    T t;
+    Elem<T>::store(&t, v);
+    return Elem<T>::load(&t);
+  }
+};
+template <>
+struct RoundTo<float> {
+  SPARSEMOE_INLINE float operator()(float v) const { return v; }
+};
+template <>
+struct RoundTo<double> {
+  SPARSEMOE_INLINE double operator()(double v) const { return v; }
+};
+
+// Row loops, one per activation kind, with the kind fixed at compile time so the inner loop is a
+// straight line of arithmetic.
+template <typename T, typename F>
+SPARSEMOE_INLINE void gated_forward(ActIn<T> h, ActOut<T> a, int64_t rows, int64_t cols, F f) {
+  using E = Elem<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = h.gate + r * h.ld;
+    const T* u = h.up + r * h.ld;
+    T* out = a.gate + r * a.ld;
+    for (int64_t c = 0; c < cols; ++c) E::store(out + c, f(E::load(g + c), E::load(u + c)));
+  }
+}
+
+template <typename T, typename F>
+SPARSEMOE_INLINE void plain_forward(ActIn<T> h, ActOut<T> a, int64_t rows, int64_t cols, F f) {
+  using E = Elem<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = h.gate + r * h.ld;
+    T* out = a.gate + r * a.ld;
+    for (int64_t c = 0; c < cols; ++c) E::store(out + c, f(E::load(x + c)));
+  }
+}
+
+template <typename T, typename F>
+SPARSEMOE_INLINE void gated_backward(const T* grad_a, int64_t ldga, ActIn<T> h, ActOut<T> gh, ActOut<T> a,
+                                     int64_t rows, int64_t cols, F f) {
+  using E = Elem<T>;
+  using A = typename E::acc;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ga = grad_a + r * ldga;
+    const T* g = h.gate + r * h.ld;
+    const T* u = h.up + r * h.ld;
+    T* gg_out = gh.gate + r * gh.ld;
+    T* gu_out = gh.up + r * gh.ld;
+    if (a.gate != nullptr) {
+      T* a_out = a.gate + r * a.ld;
+      for (int64_t c = 0; c < cols; ++c) {
+        A gg, gu, av;
+        f(E::load(ga + c), E::load(g + c), E::load(u + c), gg, gu, av);
+        E::store(gg_out + c, gg);
+        E::store(gu_out + c, gu);
+        E::store(a_out + c, av);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        A gg, gu, av;
+        f(E::load(ga + c), E::load(g + c), E::load(u + c), gg, gu, av);
+        E::store(gg_out + c, gg);
+        E::store(gu_out + c, gu);
+      }
+    }
+  }
+}
+
+template <typename T, typename F>
+SPARSEMOE_INLINE void plain_backward(const T* grad_a, int64_t ldga, ActIn<T> h, ActOut<T> gh, ActOut<T> a,
+                                     int64_t rows, int64_t cols, F f) {
+  using E = Elem<T>;
+  using A = typename E::acc;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ga = grad_a + r * ldga;
+    const T* x = h.gate + r * h.ld;
+    T* g_out = gh.gate + r * gh.ld;
+    T* a_out = a.gate != nullptr ? a.gate + r * a.ld : nullptr;
+    for (int64_t c = 0; c < cols; ++c) {
+      A av;
+      E::store(g_out + c, f(E::load(ga + c), E::load(x + c), av));
+      if (a_out != nullptr) E::store(a_out + c, av);
+    }
+  }
+}
+
+// PyTorch compares and clamps a tensor against the limit in the tensor's own dtype (the scalar
+// is rounded to it), while it multiplies by alpha in float.
+template <typename T>
+SPARSEMOE_INLINE Math<typename Elem<T>::acc, RoundTo<T>> make_math(const ActivationSpec& act) {
+  using A = typename Elem<T>::acc;
+  return {A(act.alpha), RoundTo<T>{}(A(act.limit)), {}};
+}
+
+template <typename T>
+SPARSEMOE_INLINE void forward_impl(const ActivationSpec& act, ActIn<T> h, ActOut<T> a, int64_t rows, int64_t cols) {
+  using A = typename Elem<T>::acc;
+  const Math<A, RoundTo<T>> m = make_math<T>(act);
+  switch (act.kind) {
+    case Activation::SwiGLU: return gated_forward(h, a, rows, cols, [&](A g, A u) { return m.swiglu(g, u); });
+    case Activation::ClampedSwiGLU:
+      return gated_forward(h, a, rows, cols, [&](A g, A u) { return m.clamped(g, u); });
+    case Activation::SiLU: return plain_forward(h, a, rows, cols, [&](A x) { return m.silu(x); });
+    case Activation::GELU: return plain_forward(h, a, rows, cols, [&](A x) { return m.gelu(x); });
+    case Activation::GELUTanh: return plain_forward(h, a, rows, cols, [&](A x) { return m.gelu_tanh(x); });
+    case Activation::ReLU: return plain_forward(h, a, rows, cols, [&](A x) { return m.relu(x); });
+  }
+}
+
+template <typename T>
+SPARSEMOE_INLINE void backward_impl(const ActivationSpec& act, const T* grad_a, int64_t ldga, ActIn<T> h,
+                                    ActOut<T> gh, ActOut<T> a, int64_t rows, int64_t cols) {
+  using A = typename Elem<T>::acc;
+  const Math<A, RoundTo<T>> m = make_math<T>(act);
+  switch (act.kind) {
+    case Activation::SwiGLU:
+      return gated_backward(grad_a, ldga, h, gh, a, rows, cols,
+                            [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.swiglu_grad(ga, g, u, gg, gu, av); });
+    case Activation::ClampedSwiGLU:
+      return gated_backward(grad_a, ldga, h, gh, a, rows, cols,
+                            [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.clamped_grad(ga, g, u, gg, gu, av); });
+    case Activation::SiLU:
+      return plain_backward(grad_a, ldga, h, gh, a, rows, cols, [&](A ga, A x, A& av) { return m.silu_grad(ga, x, av); });
+    case Activation::GELU:
+      return plain_backward(grad_a, ldga, h, gh, a, rows, cols, [&](A ga, A x, A& av) { return m.gelu_grad(ga, x, av); });
+    case Activation::GELUTanh:
+      return plain_backward(grad_a, ldga, h, gh, a, rows, cols,
+                            [&](A ga, A x, A& av) { return m.gelu_tanh_grad(ga, x, av); });
+    case Activation::ReLU:
+      return plain_backward(grad_a, ldga, h, gh, a, rows, cols, [&](A ga, A x, A& av) { return m.relu_grad(ga, x, av); });
+  }
+}
+
+}  // namespace
+
+// One ISA-cloned entry point per storage type; the templates above inline into each clone.
+#define SPARSEMOE_ACTIVATION_ENTRIES(T, NAME)                                                             \
+  SPARSEMOE_ISA_CLONES void NAME##_forward(const ActivationSpec& act, ActIn<T> h, ActOut<T> a, int64_t rows, \
+                                           int64_t cols) {                                                \
+    forward_impl<T>(act, h, a, rows, cols);                                                               \
+  }                                                                                                       \
+  SPARSEMOE_ISA_CLONES void NAME##_backward(const ActivationSpec& act, const T* grad_a, int64_t ldga,       \
+                                            ActIn<T> h, ActOut<T> gh, ActOut<T> a, int64_t rows,           \
+                                            int64_t cols) {                                               \
+    backward_impl<T>(act, grad_a, ldga, h, gh, a, rows, cols);                                            \
+  }                                                                                                       \
+  template <>                                                                                             \
+  void activation_forward_block<T>(const ActivationSpec& act, ActIn<T> h, ActOut<T> a, int64_t rows,      \
+                                   int64_t cols) {                                                        \
+    NAME##_forward(act, h, a, rows, cols);                                                                \
+  }                                                                                                       \
+  template <>                                                                                             \
+  void activation_backward_block<T>(const ActivationSpec& act, const T* grad_a, int64_t ldga, ActIn<T> h, \
+                                    ActOut<T> gh, ActOut<T> a, int64_t rows, int64_t cols) {              \
+    NAME##_backward(act, grad_a, ldga, h, gh, a, rows, cols);                                             \
+  }
+
+SPARSEMOE_ACTIVATION_ENTRIES(float, act_f32)
+SPARSEMOE_ACTIVATION_ENTRIES(double, act_f64)
+SPARSEMOE_ACTIVATION_ENTRIES(c10::BFloat16, act_bf16)
+SPARSEMOE_ACTIVATION_ENTRIES(c10::Half, act_f16)
+
+}  // namespace sparsemoe
