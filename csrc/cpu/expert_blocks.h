@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -59,9 +60,11 @@ inline std::vector<Block> expert_blocks(const int64_t* offsets, int64_t E, int64
 }
 
 // Runs fn(block) for every block: thread t takes the t-th contiguous run of blocks, the runs
-// cut where the running cost passes t/threads of the total.
+// cut where the running cost passes t/threads of the total. `stage` names the pass in
+// torch.profiler traces (the per-stage benchmark reads it).
 template <typename Fn>
-void for_each_block(const std::vector<Block>& blocks, const Fn& fn) {
+void for_each_block(const char* stage, const std::vector<Block>& blocks, const Fn& fn) {
+  RECORD_FUNCTION(stage, std::vector<c10::IValue>());
   if (blocks.empty()) return;
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(blocks.size()));
   int64_t total = 0;

@@ -1,6 +1,7 @@
 // Expert FFNs over contiguous expert segments of the expert-ordered buffer, forward and
-// backward. Each GEMM runs through at::mm_out (MKL / oneDNN with AVX-512 or AVX512-BF16)
-// on views of the segment, so no rows are copied.
+// backward. Each GEMM is cut into (expert, output columns) blocks (cpu/expert_blocks.h) that
+// run through at::mm_out (MKL / oneDNN with AVX-512 or AVX512-BF16) on views of the buffers,
+// so no rows are copied; the activation runs on each block right after its GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -10,6 +11,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "ffn_checks.h"
 #include "cpu/activation_kernels.h"
 #include "cpu/expert_blocks.h"
 #include "cpu/fresh_buffers.h"
@@ -17,48 +19,6 @@
 
 namespace sparsemoe {
 namespace {
-
-struct FfnDims {
-  int64_t N, d, E, f, F1;
-  int64_t M;  // rows owned by experts (offsets[E]); rows M..N are capacity padding
-};
-
-void check_bias(const c10::optional<at::Tensor>& b, const char* name, const at::Tensor& x, int64_t E,
-                int64_t width, const char* what) {
-  if (!b.has_value()) return;
-  check_rank(*b, name, 2, what);
-  check_same_device(x, "x_sorted", *b, name);
-  check_dtype(*b, name, x.scalar_type());
-  TORCH_CHECK(b->size(0) == E && b->size(1) == width, name, ": expected shape [", E, ", ", width, "] ", what,
-              ", got ", shape_str(*b));
-}
-
-FfnDims check_ffn_args(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
-                       const at::Tensor& w2, const ActivationSpec& act, const c10::optional<at::Tensor>& b1,
-                       const c10::optional<at::Tensor>& b2) {
-  check_rank(x, "x_sorted", 2, "[N, d]");
-  check_floating(x, "x_sorted");
-  check_rank(offsets, "expert_offsets", 1, "[E + 1]");
-  check_index(offsets, "expert_offsets");
-  check_rank(w1, "w1", 3, "[E, F1, d]");
-  check_rank(w2, "w2", 3, "[E, d, f]");
-  for (auto [t, name] : {std::pair{&offsets, "expert_offsets"}, {&w1, "w1"}, {&w2, "w2"}}) {
-    check_same_device(x, "x_sorted", *t, name);
-  }
-  check_dtype(w1, "w1", x.scalar_type());
-  check_dtype(w2, "w2", x.scalar_type());
-  FfnDims s{x.size(0), x.size(1), w1.size(0), w2.size(2), w1.size(1), 0};
-  check_size(offsets, "expert_offsets", 0, s.E + 1, "E + 1, from w1");
-  check_size(w1, "w1", 2, s.d, "d, the width of x_sorted");
-  check_size(w2, "w2", 0, s.E, "E, from w1");
-  check_size(w2, "w2", 1, s.d, "d, the width of x_sorted");
-  check_size(w1, "w1", 1, is_gated(act) ? 2 * s.f : s.f,
-             is_gated(act) ? "2*f: gate and up rows of a gated activation" : "f, from w2");
-  check_bias(b1, "b1", x, s.E, s.F1, "[E, F1], the bias of w1");
-  check_bias(b2, "b2", x, s.E, s.d, "[E, d], the bias of w2");
-  s.M = check_offsets_values(offsets, s.N);
-  return s;
-}
 
 // GEMMs of one block, on views of the buffers. They run inside for_each_block's threads, where
 // the BLAS stays single-threaded.
@@ -79,10 +39,6 @@ at::Tensor slice_or_undefined(const at::Tensor& t, int64_t e, int64_t c0, int64_
   return t.defined() ? t[e].narrow(0, c0, cn) : at::Tensor();
 }
 
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 template <typename T>
 T* row_ptr(const at::Tensor& t, int64_t row, int64_t col) {
   return t.data_ptr<T>() + row * t.stride(0) + col;
@@ -96,24 +52,30 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
                                                   double swiglu_limit) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
-  const FfnDims s = check_ffn_args(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in);
+  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in);
+  const int64_t M = check_offsets_values(offsets, s.N);  // rows M..N are capacity padding
   const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor b1 = contiguous_or_undefined(b1_in), b2 = contiguous_or_undefined(b2_in);
   const bool gated = is_gated(act);
   at::Tensor hidden = empty_large({s.N, s.F1}, x.options());
-  at::Tensor a = empty_large({s.M, s.f}, x.options());
+  at::Tensor a = empty_large({M, s.f}, x.options());
   at::Tensor y = empty_large({s.N, s.d}, x.options());
   const int64_t* o = offsets.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {
     // First projection and activation, by blocks of activation columns: a gated block computes
     // its gate and up columns, so the activation needs nothing outside the block.
-    for_each_block(expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+    for_each_block("sparsemoe::expert_ffn gemm1+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
       const at::Tensor rows = x.narrow(0, b.r0, b.n);
       const at::Tensor h = hidden.narrow(0, b.r0, b.n);
-      linear_into(h.narrow(1, b.c0, b.cn), rows, w1[b.e].narrow(0, b.c0, b.cn).t(),
-                  slice_or_undefined(b1, b.e, b.c0, b.cn));
-      if (gated) {
+      if (gated && b.cn == s.f) {
+        // The block spans the whole activation: gate and up rows in one GEMM.
+        linear_into(h, rows, w1[b.e].t(), b1.defined() ? b1[b.e] : at::Tensor());
+      } else {
+        linear_into(h.narrow(1, b.c0, b.cn), rows, w1[b.e].narrow(0, b.c0, b.cn).t(),
+                    slice_or_undefined(b1, b.e, b.c0, b.cn));
+      }
+      if (gated && b.cn < s.f) {
         linear_into(h.narrow(1, s.f + b.c0, b.cn), rows, w1[b.e].narrow(0, s.f + b.c0, b.cn).t(),
                     slice_or_undefined(b1, b.e, s.f + b.c0, b.cn));
       }
@@ -123,13 +85,13 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
     });
   });
   // Second projection, by blocks of output columns.
-  for_each_block(expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
+  for_each_block("sparsemoe::expert_ffn gemm2", expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
     linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), a.narrow(0, b.r0, b.n),
                 w2[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
   });
   // Capacity padding rows belong to no expert: they output zero.
-  hidden.narrow(0, s.M, s.N - s.M).zero_();
-  y.narrow(0, s.M, s.N - s.M).zero_();
+  hidden.narrow(0, M, s.N - M).zero_();
+  y.narrow(0, M, s.N - M).zero_();
   return {y, hidden};
 }
 
@@ -142,27 +104,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     c10::string_view activation, double swiglu_alpha, double swiglu_limit, bool bias_grads) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
-  const FfnDims s = check_ffn_args(x_in, offsets, w1_in, w2_in, act, c10::nullopt, c10::nullopt);
-  check_same_device(x_in, "x_sorted", grad_y_in, "grad_y");
-  check_same_device(x_in, "x_sorted", hidden_in, "hidden");
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "grad_y: expected shape ", shape_str(x_in),
-              " (the shape of x_sorted), got ", shape_str(grad_y_in));
-  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) == s.N && hidden_in.size(1) == s.F1,
-              "hidden: expected shape [", s.N, ", ", s.F1, "], got ", shape_str(hidden_in));
-  check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
-  check_dtype(hidden_in, "hidden", x_in.scalar_type());
+  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, c10::nullopt, c10::nullopt);
+  const int64_t M = check_offsets_values(offsets, s.N);
+  check_ffn_backward_inputs(grad_y_in, x_in, hidden_in, s);
   const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor gy = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
   const bool gated = is_gated(act);
   const int64_t* o = offsets.data_ptr<int64_t>();
 
-  at::Tensor a = empty_large({s.M, s.f}, x.options());
-  at::Tensor grad_h = empty_large({s.M, s.F1}, x.options());
+  at::Tensor a = empty_large({M, s.f}, x.options());
+  at::Tensor grad_h = empty_large({M, s.F1}, x.options());
   at::Tensor grad_x = empty_large({s.N, s.d}, x.options());
   at::Tensor grad_w1 = empty_large(w1.sizes(), w1.options()), grad_w2 = empty_large(w2.sizes(), w2.options());
   at::Tensor grad_b1 = at::empty({bias_grads ? s.E : 0, s.F1}, x.options());
   at::Tensor grad_b2 = at::empty({bias_grads ? s.E : 0, s.d}, x.options());
-  grad_x.narrow(0, s.M, s.N - s.M).zero_();  // padding rows feed no expert
+  grad_x.narrow(0, M, s.N - M).zero_();  // padding rows feed no expert
   for (int64_t e = 0; e < s.E; ++e) {
     if (o[e + 1] > o[e]) continue;
     // Experts that own no rows report an exactly zero gradient.
@@ -177,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn_backward", [&] {
     // Phase 1, by blocks of activation columns: grad_a = grad_y @ w2 for the block, then the
     // activation's backward (which also recomputes a for grad_w2) while the block is in cache.
-    for_each_block(expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+    for_each_block("sparsemoe::expert_ffn_backward grad_a+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
       mm_into(grad_a, gy.narrow(0, b.r0, b.n), w2[b.e].narrow(1, b.c0, b.cn));
       const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
@@ -195,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   for (const auto& [kind, cols, inner] : {std::tuple{kGradW1, s.F1, s.d}, std::tuple{kGradW2, s.d, s.f}}) {
     for (const Block& b : expert_blocks(o, s.E, cols, inner, kind)) blocks.push_back(b);
   }
-  for_each_block(blocks, [&](const Block& b) {
+  for_each_block("sparsemoe::expert_ffn_backward grad_x+grad_w", blocks, [&](const Block& b) {
     const int64_t e = b.e;
     if (b.kind == kGradX) {
       mm_into(grad_x.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), grad_h.narrow(0, b.r0, b.n),
