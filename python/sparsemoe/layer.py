@@ -27,10 +27,10 @@ class MoELayer(nn.Module):
     After each forward these stay on the device (reading them is the caller's choice):
     ``aux_loss`` (load balancing, 1.0 when balanced), ``z_loss``, ``router_logits``,
     ``tokens_per_expert`` (kept picks), ``dropped_fraction`` and ``router_entropy`` (nats).
-    ``aux_loss`` keeps the last forward's autograd graph alive until the next forward.
+    They are computed from the last forward's routing when first read (so read ``aux_loss``
+    and ``z_loss`` before that forward's backward), and keep its autograd graph alive until
+    the next forward.
     """
-
-    _STATS = ("aux_loss", "z_loss", "router_logits", "tokens_per_expert", "dropped_fraction", "router_entropy")
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int,
                  activation: str = "swiglu", renormalize: bool = True, *,
@@ -89,8 +89,9 @@ class MoELayer(nn.Module):
         self.shared_expert = (SharedExpert(d_model, shared_expert_d_ff, activation, gated, swiglu_alpha,
                                            swiglu_limit, **factory) if shared_expert_d_ff else None)
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
-        for name in self._STATS:
-            setattr(self, name, None)
+        self.router_logits: Tensor | None = None
+        self._routing: tuple | None = None  # the last forward's (logits, ids, offsets, slot, padding_mask)
+        self._stats: dict[str, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -170,29 +171,48 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(tokens).to(shared.dtype)) * shared
             out = out + shared
 
-        self._record_stats(logits, ids, offsets, slot, padding_mask)
+        self.router_logits = logits
+        self._routing = (logits, ids, offsets, slot, padding_mask)
+        self._stats = None
         return out.reshape(shape)
 
-    def _record_stats(self, logits: Tensor, ids: Tensor, offsets: Tensor, slot: Tensor,
-                      padding_mask: Tensor | None) -> None:
-        self.router_logits = logits
-        self.tokens_per_expert = offsets.diff()
+    # The statistics are computed from the last forward's routing when first read, so a forward
+    # whose caller reads none of them (inference, decoding) does not pay for them: at one token
+    # they would cost about half as much as the experts themselves.
+    aux_loss = property(lambda self: self._stat("aux_loss"), doc="load-balancing loss, 1.0 when balanced")
+    z_loss = property(lambda self: self._stat("z_loss"), doc="router z-loss")
+    tokens_per_expert = property(lambda self: self._stat("tokens_per_expert"), doc="kept picks per expert")
+    dropped_fraction = property(lambda self: self._stat("dropped_fraction"), doc="picks dropped by capacity")
+    router_entropy = property(lambda self: self._stat("router_entropy"), doc="mean routing entropy (nats)")
+
+    def _stat(self, name: str) -> Tensor | None:
+        if self._stats is None:
+            if self._routing is None:
+                return None
+            self._stats = self._compute_stats(*self._routing)
+        return self._stats[name]
+
+    def _compute_stats(self, logits: Tensor, ids: Tensor, offsets: Tensor, slot: Tensor,
+                       padding_mask: Tensor | None) -> dict[str, Tensor]:
+        stats = {"tokens_per_expert": offsets.diff()}
         probs = router_probs(logits, self.scoring)  # once, for the aux loss and the entropy
         if self.routing == "token_choice":
-            self.aux_loss = balance_loss_from_probs(probs, ids, padding_mask)
-            self.dropped_fraction = 1 - offsets[-1].to(torch.float32) / max(slot.numel(), 1)
+            stats["aux_loss"] = balance_loss_from_probs(probs, ids, padding_mask)
+            stats["dropped_fraction"] = 1 - offsets[-1].to(torch.float32) / max(slot.numel(), 1)
         else:  # balanced by construction; a token no expert picked is the dropped one
-            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
-            self.dropped_fraction = 1 - (slot >= 0).any(1).float().mean() if slot.shape[0] else logits.new_zeros(())
-        self.z_loss = z_loss(logits, padding_mask)
+            stats["aux_loss"] = logits.new_zeros((), dtype=torch.float32)
+            stats["dropped_fraction"] = (1 - (slot >= 0).any(1).float().mean() if slot.shape[0]
+                                         else logits.new_zeros(()))
+        stats["z_loss"] = z_loss(logits, padding_mask)
         with torch.no_grad():
             p = probs.detach()
             entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
             if padding_mask is not None:
                 real = padding_mask.reshape(-1).to(entropy.dtype)
-                self.router_entropy = (entropy * real).sum() / real.sum().clamp_min(1)
+                stats["router_entropy"] = (entropy * real).sum() / real.sum().clamp_min(1)
             else:
-                self.router_entropy = entropy.mean() if entropy.numel() else entropy.new_zeros(())
+                stats["router_entropy"] = entropy.mean() if entropy.numel() else entropy.new_zeros(())
+        return stats
 
     def update_selection_bias(self, rate: float = 1e-3) -> None:
         """One aux-loss-free balancing step (DeepSeek-V3) from the last forward's expert load:
@@ -205,8 +225,7 @@ class MoELayer(nn.Module):
         # The last forward's statistics hang on that step's autograd graph: copies and pickles
         # of the module (deepcopy for an EMA model, say) start without them.
         state = self.__dict__.copy()
-        for name in self._STATS:
-            state[name] = None
+        state.update(router_logits=None, _routing=None, _stats=None)
         return state
 
     def extra_repr(self) -> str:
