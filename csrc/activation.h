@@ -1,9 +1,7 @@
-// Expert activations. Parsed once from the schema's string into a spec, then applied with
-// ATen's vectorised pointwise kernels so forward and backward use the same definitions as
-// torch.nn.functional (which the reference uses).
+// Expert activations, parsed once from the schema's string into a spec. The kernels that apply
+// them (cpu/activation_kernels.h, cuda/activation_kernels.cuh) follow torch.nn.functional's
+// definitions, which the reference uses.
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <string>
 
@@ -26,11 +24,5 @@ ActivationSpec parse_activation(const std::string& name, double alpha, double li
 inline bool is_gated(const ActivationSpec& act) {
   return act.kind == Activation::SwiGLU || act.kind == Activation::ClampedSwiGLU;
 }
-
-// h: [N, F1] pre-activation (F1 = 2f when gated, else f) -> [N, f].
-at::Tensor activation_forward(const at::Tensor& h, const ActivationSpec& act);
-
-// grad_a: [N, f], h: [N, F1] -> grad_h [N, F1].
-at::Tensor activation_backward(const at::Tensor& grad_a, const at::Tensor& h, const ActivationSpec& act);
 
 }  // namespace sparsemoe

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "combine_checks.h"
 #include "cpu/index_checks.h"
 
 namespace sparsemoe {
@@ -17,18 +18,9 @@ namespace {
 
 int64_t token_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
 
-void check_rows_and_slot(const at::Tensor& rows, const char* rows_name, const at::Tensor& slot) {
-  check_rank(rows, rows_name, 2, "[N, d]");
-  check_floating(rows, rows_name);
-  check_rank(slot, "slot", 2, "[T, k]");
-  check_index(slot, "slot");
-  check_same_device(rows, rows_name, slot, "slot");
-}
-
 at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
                        const std::optional<at::Tensor>& weights_in) {
-  check_rows_and_slot(rows_in, "rows", slot_in);
-  if (weights_in) check_row_weights(*weights_in, slot_in, rows_in, "rows");
+  check_combine_args(rows_in, slot_in, weights_in);
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor slot = slot_in.contiguous();
   check_slot_values(slot, rows.size(0));
@@ -62,10 +54,7 @@ at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
 
 at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
                             const std::optional<at::Tensor>& weights_in, int64_t num_rows) {
-  check_rows_and_slot(src_in, "src", slot_in);
-  check_size(slot_in, "slot", 0, src_in.size(0), "T, the tokens of src");
-  TORCH_CHECK(num_rows >= 0, "num_rows: expected >= 0, got ", num_rows);
-  if (weights_in) check_row_weights(*weights_in, slot_in, src_in, "src");
+  check_scatter_rows_args(src_in, slot_in, weights_in, num_rows);
   const at::Tensor src = src_in.contiguous();
   const at::Tensor slot = slot_in.contiguous();
   check_slot_values(slot, num_rows);
@@ -110,14 +99,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
 }
 
 at::Tensor slot_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& slot_in) {
-  check_rank(a_in, "a", 2, "[T, d]");
-  check_floating(a_in, "a");
-  check_rows_and_slot(b_in, "b", slot_in);
-  check_same_device(a_in, "a", b_in, "b");
-  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "b: expected dtype ", a_in.scalar_type(),
-              " (the dtype of a), got ", b_in.scalar_type());
-  check_size(slot_in, "slot", 0, a_in.size(0), "T, the tokens of a");
-  check_size(b_in, "b", 1, a_in.size(1), "d, the width of a");
+  check_slot_dot_args(a_in, b_in, slot_in);
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
   const at::Tensor slot = slot_in.contiguous();

@@ -12,41 +12,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "route_checks.h"
 #include "routing.h"
 
 namespace sparsemoe {
 namespace {
-
-struct RouteOptions {
-  int64_t k;
-  Scoring scoring;
-  bool renormalize;
-  int64_t num_groups, topk_groups;
-  double scale;
-};
-
-RouteOptions check_route_args(const at::Tensor& logits, int64_t k, c10::string_view scoring,
-                              bool renormalize, const c10::optional<at::Tensor>& bias,
-                              int64_t num_groups, int64_t topk_groups, double scale) {
-  check_rank(logits, "logits", 2, "[T, E]");
-  check_floating(logits, "logits");
-  const int64_t E = logits.size(1);
-  TORCH_CHECK(E >= 1, "logits: expected at least one expert (E >= 1), got shape ", shape_str(logits));
-  TORCH_CHECK(k >= 1 && k <= E, "k: expected 1 <= k <= E = ", E, ", got ", k);
-  TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, "num_groups: expected a divisor of E = ", E,
-              ", got ", num_groups);
-  TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, "topk_groups: expected 1 <= topk_groups <= num_groups = ",
-              num_groups, ", got ", topk_groups);
-  TORCH_CHECK(k <= topk_groups * (E / num_groups), "k: expected k <= topk_groups * E / num_groups = ",
-              topk_groups * (E / num_groups), " (the experts of the chosen groups), got ", k);
-  if (bias.has_value()) {
-    check_rank(*bias, "selection_bias", 1, "[E]");
-    check_floating(*bias, "selection_bias");
-    check_same_device(logits, "logits", *bias, "selection_bias");
-    check_size(*bias, "selection_bias", 0, E, "E, the experts of logits");
-  }
-  return {k, parse_scoring(std::string(scoring)), renormalize, num_groups, topk_groups, scale};
-}
 
 // Expert i ranks before expert j: larger key first, NaN below everything, ties by index.
 template <typename acc_t>
@@ -144,11 +114,7 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_
 at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                               const at::Tensor& ids_in, bool renormalize, c10::string_view scoring_name,
                               double scale) {
-  check_tokens_and_ids(logits_in, "logits", "[T, E]", ids_in, "T, the tokens of logits");
-  check_same_device(logits_in, "logits", grad_weights_in, "grad_weights");
-  TORCH_CHECK(grad_weights_in.sizes() == ids_in.sizes(), "grad_weights: expected shape ",
-              shape_str(ids_in), " (the shape of expert_ids), got ", shape_str(grad_weights_in));
-  const Scoring scoring = parse_scoring(std::string(scoring_name));
+  const Scoring scoring = check_route_backward_args(grad_weights_in, logits_in, ids_in, scoring_name);
   const auto acc_dtype = opmath_dtype(logits_in.scalar_type());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
