@@ -173,9 +173,9 @@ template <typename T, typename F>
 SPARSEMOE_INLINE void gated_forward(ActIn<T> h, ActOut<T> a, int64_t rows, int64_t cols, F f) {
   using E = Elem<T>;
   for (int64_t r = 0; r < rows; ++r) {
-    const T* g = h.gate + r * h.ld;
-    const T* u = h.up + r * h.ld;
-    T* out = a.gate + r * a.ld;
+    const T* __restrict__ g = h.gate + r * h.ld;
+    const T* __restrict__ u = h.up + r * h.ld;
+    T* __restrict__ out = a.gate + r * a.ld;
     for (int64_t c = 0; c < cols; ++c) E::store(out + c, f(E::load(g + c), E::load(u + c)));
   }
 }
@@ -184,41 +184,33 @@ template <typename T, typename F>
 SPARSEMOE_INLINE void plain_forward(ActIn<T> h, ActOut<T> a, int64_t rows, int64_t cols, F f) {
   using E = Elem<T>;
   for (int64_t r = 0; r < rows; ++r) {
-    const T* x = h.gate + r * h.ld;
-    T* out = a.gate + r * a.ld;
+    const T* __restrict__ x = h.gate + r * h.ld;
+    T* __restrict__ out = a.gate + r * a.ld;
     for (int64_t c = 0; c < cols; ++c) E::store(out + c, f(E::load(x + c)));
   }
 }
 
-template <typename T, typename F>
+// The gradient loop leaves out a = act(h): with a third output stream GCC no longer vectorises
+// it, so a is recomputed by the forward loop on the same (cached) rows instead.
+template <typename T, typename F, typename Fwd>
 SPARSEMOE_INLINE void gated_backward(const T* grad_a, int64_t ldga, ActIn<T> h, ActOut<T> gh, ActOut<T> a,
-                                     int64_t rows, int64_t cols, F f) {
+                                     int64_t rows, int64_t cols, F f, Fwd fwd) {
   using E = Elem<T>;
   using A = typename E::acc;
   for (int64_t r = 0; r < rows; ++r) {
-    const T* ga = grad_a + r * ldga;
-    const T* g = h.gate + r * h.ld;
-    const T* u = h.up + r * h.ld;
-    T* gg_out = gh.gate + r * gh.ld;
-    T* gu_out = gh.up + r * gh.ld;
-    if (a.gate != nullptr) {
-      T* a_out = a.gate + r * a.ld;
-      for (int64_t c = 0; c < cols; ++c) {
-        A gg, gu, av;
-        f(E::load(ga + c), E::load(g + c), E::load(u + c), gg, gu, av);
-        E::store(gg_out + c, gg);
-        E::store(gu_out + c, gu);
-        E::store(a_out + c, av);
-      }
-    } else {
-      for (int64_t c = 0; c < cols; ++c) {
-        A gg, gu, av;
-        f(E::load(ga + c), E::load(g + c), E::load(u + c), gg, gu, av);
-        E::store(gg_out + c, gg);
-        E::store(gu_out + c, gu);
-      }
+    const T* __restrict__ ga = grad_a + r * ldga;
+    const T* __restrict__ g = h.gate + r * h.ld;
+    const T* __restrict__ u = h.up + r * h.ld;
+    T* __restrict__ gg_out = gh.gate + r * gh.ld;
+    T* __restrict__ gu_out = gh.up + r * gh.ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      A gg, gu, av;
+      f(E::load(ga + c), E::load(g + c), E::load(u + c), gg, gu, av);
+      E::store(gg_out + c, gg);
+      E::store(gu_out + c, gu);
     }
   }
+  if (a.gate != nullptr) gated_forward(h, a, rows, cols, fwd);
 }
 
 template <typename T, typename F>
@@ -269,11 +261,15 @@ SPARSEMOE_INLINE void backward_impl(const ActivationSpec& act, const T* grad_a, 
   const Math<A, RoundTo<T>> m = make_math<T>(act);
   switch (act.kind) {
     case Activation::SwiGLU:
-      return gated_backward(grad_a, ldga, h, gh, a, rows, cols,
-                            [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.swiglu_grad(ga, g, u, gg, gu, av); });
+      return gated_backward(
+          grad_a, ldga, h, gh, a, rows, cols,
+          [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.swiglu_grad(ga, g, u, gg, gu, av); },
+          [&](A g, A u) { return m.swiglu(g, u); });
     case Activation::ClampedSwiGLU:
-      return gated_backward(grad_a, ldga, h, gh, a, rows, cols,
-                            [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.clamped_grad(ga, g, u, gg, gu, av); });
+      return gated_backward(
+          grad_a, ldga, h, gh, a, rows, cols,
+          [&](A ga, A g, A u, A& gg, A& gu, A& av) { m.clamped_grad(ga, g, u, gg, gu, av); },
+          [&](A g, A u) { return m.clamped(g, u); });
     case Activation::SiLU:
       return plain_backward(grad_a, ldga, h, gh, a, rows, cols, [&](A ga, A x, A& av) { return m.silu_grad(ga, x, av); });
     case Activation::GELU:
