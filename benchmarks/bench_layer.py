@@ -151,11 +151,14 @@ def peak_mb(step, device: str) -> float:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
-    live = peak = 0
+    # The step first frees the previous step's gradients (allocated before profiling), so the
+    # peak is the largest rise of live memory above its lowest point before it.
+    live = low = rise = 0
     for _, nbytes in events:
         live += nbytes
-        peak = max(peak, live)
-    return peak / 2 ** 20
+        low = min(low, live)
+        rise = max(rise, live - low)
+    return rise / 2 ** 20
 
 
 def copy_bandwidth(device: str) -> float:

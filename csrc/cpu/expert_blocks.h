@@ -24,7 +24,6 @@ struct Block {
   int64_t r0, n;   // its rows [r0, r0 + n) of the expert-ordered buffer
   int64_t c0, cn;  // output columns [c0, c0 + cn)
   int64_t cost;    // relative work, for the split over threads
-  int64_t kind;    // which GEMM, when one split mixes several
 };
 
 // Column blocks cover [0, cols) in steps that are multiples of 16 elements (whole cache lines
@@ -43,7 +42,7 @@ inline int64_t column_step(int64_t cols, int64_t busy_experts, int64_t min_cols)
 // reduction length of the block's GEMM: a block costs its rows' multiply-adds plus the
 // reading of its weight slice, which dominates when an expert has only a few rows.
 inline std::vector<Block> expert_blocks(const int64_t* offsets, int64_t E, int64_t cols, int64_t k,
-                                        int64_t kind = 0, int64_t min_cols = 64) {
+                                        int64_t min_cols = 64) {
   int64_t busy = 0;
   for (int64_t e = 0; e < E; ++e) busy += offsets[e + 1] > offsets[e];
   const int64_t step = column_step(cols, busy, min_cols);
@@ -53,7 +52,7 @@ inline std::vector<Block> expert_blocks(const int64_t* offsets, int64_t E, int64
     if (n == 0) continue;
     for (int64_t c0 = 0; c0 < cols; c0 += step) {
       const int64_t cn = std::min(step, cols - c0);
-      blocks.push_back({e, offsets[e], n, c0, cn, (n + 8) * cn * k, kind});
+      blocks.push_back({e, offsets[e], n, c0, cn, (n + 8) * cn * k});
     }
   }
   return blocks;

@@ -95,9 +95,6 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   return {y, hidden};
 }
 
-// The backward's second phase mixes three kinds of blocks over one thread split.
-enum BackwardBlock : int64_t { kGradX, kGradW1, kGradW2 };
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& offsets_in,
     const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& hidden_in,
@@ -112,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   const bool gated = is_gated(act);
   const int64_t* o = offsets.data_ptr<int64_t>();
 
-  at::Tensor a = empty_large({M, s.f}, x.options());
   at::Tensor grad_h = empty_large({M, s.F1}, x.options());
   at::Tensor grad_x = empty_large({s.N, s.d}, x.options());
   at::Tensor grad_w1 = empty_large(w1.sizes(), w1.options()), grad_w2 = empty_large(w2.sizes(), w2.options());
@@ -131,40 +127,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn_backward", [&] {
-    // Phase 1, by blocks of activation columns: grad_a = grad_y @ w2 for the block, then the
-    // activation's backward (which also recomputes a for grad_w2) while the block is in cache.
-    for_each_block("sparsemoe::expert_ffn_backward grad_a+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+    // Phase 1, by blocks of activation columns, everything that needs only the block's columns
+    // while they are in cache: grad_a = grad_y @ w2 for the block, the activation's backward
+    // (recomputing a), then the weight gradients of those columns: grad_w2[:, block] = grad_y^T a
+    // and the block's gate (and up) rows of grad_w1 = grad_h^T x. Each reduces over all of the
+    // expert's rows, so no two threads write the same element, and a is never stored whole.
+    for_each_block("sparsemoe::expert_ffn_backward grad_a+act+grad_w", expert_blocks(o, s.E, s.f, s.d),
+                   [&](const Block& b) {
+      const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
-      mm_into(grad_a, gy.narrow(0, b.r0, b.n), w2[b.e].narrow(1, b.c0, b.cn));
+      at::Tensor a = at::empty({b.n, b.cn}, x.options());
+      mm_into(grad_a, rows_gy, w2[b.e].narrow(1, b.c0, b.cn));
       const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
       scalar_t* gg = row_ptr<scalar_t>(grad_h, b.r0, b.c0);
       activation_backward_block<scalar_t>(act, grad_a.data_ptr<scalar_t>(), b.cn,
                                           {g, gated ? g + s.f : nullptr, s.F1},
                                           {gg, gated ? gg + s.f : nullptr, s.F1},
-                                          {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f}, b.n, b.cn);
+                                          {a.data_ptr<scalar_t>(), nullptr, b.cn}, b.n, b.cn);
+      mm_into(grad_w2[b.e].narrow(1, b.c0, b.cn), rows_gy.t(), a);
+      for (int64_t c0 : {b.c0, gated ? s.f + b.c0 : int64_t(-1)}) {
+        if (c0 < 0) continue;
+        const at::Tensor gh = grad_h.narrow(0, b.r0, b.n).narrow(1, c0, b.cn);
+        mm_into(grad_w1[b.e].narrow(0, c0, b.cn), gh.t(), rows_x);
+        if (bias_grads) sum_rows_into(grad_b1[b.e].narrow(0, c0, b.cn), gh);
+      }
     });
   });
 
-  // Phase 2: grad_x by blocks of its columns; the weight gradients by blocks of their rows, each
-  // a GEMM that reduces over all of the expert's rows, so no thread shares an output element.
-  std::vector<Block> blocks = expert_blocks(o, s.E, s.d, s.F1, kGradX);
-  for (const auto& [kind, cols, inner] : {std::tuple{kGradW1, s.F1, s.d}, std::tuple{kGradW2, s.d, s.f}}) {
-    for (const Block& b : expert_blocks(o, s.E, cols, inner, kind)) blocks.push_back(b);
-  }
-  for_each_block("sparsemoe::expert_ffn_backward grad_x+grad_w", blocks, [&](const Block& b) {
-    const int64_t e = b.e;
-    if (b.kind == kGradX) {
-      mm_into(grad_x.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), grad_h.narrow(0, b.r0, b.n),
-              w1[e].narrow(1, b.c0, b.cn));
-    } else if (b.kind == kGradW1) {
-      const at::Tensor gh = grad_h.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn);
-      mm_into(grad_w1[e].narrow(0, b.c0, b.cn), gh.t(), x.narrow(0, b.r0, b.n));
-      if (bias_grads) sum_rows_into(grad_b1[e].narrow(0, b.c0, b.cn), gh);
-    } else {
-      const at::Tensor g = gy.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn);
-      mm_into(grad_w2[e].narrow(0, b.c0, b.cn), g.t(), a.narrow(0, b.r0, b.n));
-      if (bias_grads) sum_rows_into(grad_b2[e].narrow(0, b.c0, b.cn), g);
-    }
+  // Phase 2, by blocks of model columns: grad_x = grad_h @ w1, which needs whole grad_h rows,
+  // and the bias gradient of w2.
+  for_each_block("sparsemoe::expert_ffn_backward grad_x", expert_blocks(o, s.E, s.d, s.F1), [&](const Block& b) {
+    mm_into(grad_x.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), grad_h.narrow(0, b.r0, b.n),
+            w1[b.e].narrow(1, b.c0, b.cn));
+    if (bias_grads) sum_rows_into(grad_b2[b.e].narrow(0, b.c0, b.cn), gy.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn));
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
