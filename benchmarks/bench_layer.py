@@ -237,8 +237,8 @@ FORWARD_STAGES = [
     ("combine", ("sparsemoe::combine",)),
 ]
 BACKWARD_STAGES = [
-    ("grad_a GEMM + activation backward", ("sparsemoe::expert_ffn_backward grad_a+act",)),
-    ("grad_x and weight-gradient GEMMs", ("sparsemoe::expert_ffn_backward grad_x+grad_w",)),
+    ("grad_a GEMM, activation backward, weight-gradient GEMMs", ("sparsemoe::expert_ffn_backward grad_a+act+grad_w",)),
+    ("grad_x GEMM", ("sparsemoe::expert_ffn_backward grad_x",)),
     # dispatch's backward is a combine; the forward's own combine is subtracted below.
     ("route, dispatch and combine backward", ("sparsemoe::route_backward", "sparsemoe::scatter_rows",
                                               "sparsemoe::slot_dot", "sparsemoe::combine")),
