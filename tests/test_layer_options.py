@@ -607,6 +607,22 @@ def test_update_selection_bias_step():
     torch.testing.assert_close(layer.router.selection_bias, torch.tensor([-rate, 0.0, rate, rate]))
 
 
+def test_selection_bias_stays_float32_through_casts_and_meta_init():
+    layer = build(dict(num_experts=4, top_k=2, selection_bias=True))
+    with torch.no_grad():
+        layer.router.selection_bias.copy_(torch.tensor([1e-3, 1.0 + 1e-3, -2.0, 0.0]))
+    exact = layer.router.selection_bias.clone()
+    layer.to(torch.bfloat16)
+    assert layer.gate_up_proj.dtype == torch.bfloat16
+    assert torch.equal(layer.router.selection_bias, exact)  # not rounded to bfloat16
+    # Built without memory, then materialised: the buffer gets real float32 storage.
+    with torch.device("meta"):
+        meta = MoELayer(D, FF, 4, 2, selection_bias=True, dtype=torch.bfloat16)
+    meta.to_empty(device="cpu")
+    assert meta.router.selection_bias.device.type == "cpu"
+    assert meta.router.selection_bias.dtype == torch.float32
+
+
 def test_update_selection_bias_requires_buffer_and_forward():
     with pytest.raises(RuntimeError):
         build(dict(num_experts=4, top_k=2, selection_bias=True)).update_selection_bias(0.1)

@@ -109,7 +109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   const bool gated = is_gated(act);
   const int64_t* o = offsets.data_ptr<int64_t>();
 
-  at::Tensor grad_h = empty_large({M, s.F1}, x.options());
   at::Tensor grad_x = empty_large({s.N, s.d}, x.options());
   at::Tensor grad_w1 = empty_large(w1.sizes(), w1.options()), grad_w2 = empty_large(w2.sizes(), w2.options());
   at::Tensor grad_b1 = at::empty({bias_grads ? s.E : 0, s.F1}, x.options());
@@ -127,39 +126,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn_backward", [&] {
-    // Phase 1, by blocks of activation columns, everything that needs only the block's columns
-    // while they are in cache: grad_a = grad_y @ w2 for the block, the activation's backward
-    // (recomputing a), then the weight gradients of those columns: grad_w2[:, block] = grad_y^T a
-    // and the block's gate (and up) rows of grad_w1 = grad_h^T x. Each reduces over all of the
-    // expert's rows, so no two threads write the same element, and a is never stored whole.
-    for_each_block("sparsemoe::expert_ffn_backward grad_a+act+grad_w", expert_blocks(o, s.E, s.f, s.d),
-                   [&](const Block& b) {
+    // One pass, by blocks of activation columns, doing everything a block's columns take part
+    // in while they are in cache: grad_a = grad_y @ w2 for the block, the activation's backward
+    // (recomputing a), the weight gradients of those columns (grad_w2[:, block] = grad_y^T a,
+    // the block's gate and up rows of grad_w1 = grad_h^T x) and the block's share of
+    // grad_x = grad_h @ w1. The weight gradients reduce over all of the expert's rows, so no
+    // two threads write the same element. grad_x sums over the expert's column blocks: block
+    // j > 0 writes its share to its own buffer and the shares are added in block order after,
+    // so neither a nor grad_h is ever stored whole. bfloat16 and float16 would round each share
+    // before the sum, so there an expert is one block and grad_x one GEMM, rounded once.
+    const bool one_block_per_expert = at::isReducedFloatingType(x.scalar_type());
+    const std::vector<Block> blocks = expert_blocks(o, s.E, s.f, s.d, one_block_per_expert ? s.f : 64);
+    const int64_t per_expert = blocks.empty() ? 1 : (s.f + blocks[0].cn - 1) / blocks[0].cn;
+    at::Tensor shares = at::empty({per_expert - 1, M, s.d}, x.options());
+    for_each_block("sparsemoe::expert_ffn_backward", blocks, [&](const Block& b) {
       const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
+      const int64_t j = b.c0 / blocks[0].cn;
+      const int64_t halves = gated ? 2 : 1;
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
       at::Tensor a = at::empty({b.n, b.cn}, x.options());
+      at::Tensor grad_h = at::empty({b.n, halves * b.cn}, x.options());  // [gate | up] columns of the block
       mm_into(grad_a, rows_gy, w2[b.e].narrow(1, b.c0, b.cn));
       const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
-      scalar_t* gg = row_ptr<scalar_t>(grad_h, b.r0, b.c0);
+      scalar_t* gh = grad_h.data_ptr<scalar_t>();
       activation_backward_block<scalar_t>(act, grad_a.data_ptr<scalar_t>(), b.cn,
                                           {g, gated ? g + s.f : nullptr, s.F1},
-                                          {gg, gated ? gg + s.f : nullptr, s.F1},
+                                          {gh, gated ? gh + b.cn : nullptr, halves * b.cn},
                                           {a.data_ptr<scalar_t>(), nullptr, b.cn}, b.n, b.cn);
       mm_into(grad_w2[b.e].narrow(1, b.c0, b.cn), rows_gy.t(), a);
-      for (int64_t c0 : {b.c0, gated ? s.f + b.c0 : int64_t(-1)}) {
-        if (c0 < 0) continue;
-        const at::Tensor gh = grad_h.narrow(0, b.r0, b.n).narrow(1, c0, b.cn);
-        mm_into(grad_w1[b.e].narrow(0, c0, b.cn), gh.t(), rows_x);
-        if (bias_grads) sum_rows_into(grad_b1[b.e].narrow(0, c0, b.cn), gh);
+      for (int64_t half = 0; half < halves; ++half) {
+        const int64_t c0 = half * s.f + b.c0;  // the half's first row in w1[e]
+        const at::Tensor gh_half = grad_h.narrow(1, half * b.cn, b.cn);
+        mm_into(grad_w1[b.e].narrow(0, c0, b.cn), gh_half.t(), rows_x);
+        if (bias_grads) sum_rows_into(grad_b1[b.e].narrow(0, c0, b.cn), gh_half);
       }
+      at::Tensor dx = (j == 0 ? grad_x : shares[j - 1]).narrow(0, b.r0, b.n);
+      if (b.cn == s.f) {
+        mm_into(dx, grad_h, w1[b.e]);  // the whole expert: [gate | up] matches w1's rows
+      } else {
+        mm_into(dx, grad_h.narrow(1, 0, b.cn), w1[b.e].narrow(0, b.c0, b.cn));
+        if (gated) dx.addmm_(grad_h.narrow(1, b.cn, b.cn), w1[b.e].narrow(0, s.f + b.c0, b.cn));
+      }
+      if (bias_grads && j == 0) sum_rows_into(grad_b2[b.e], rows_gy);
     });
-  });
-
-  // Phase 2, by blocks of model columns: grad_x = grad_h @ w1, which needs whole grad_h rows,
-  // and the bias gradient of w2.
-  for_each_block("sparsemoe::expert_ffn_backward grad_x", expert_blocks(o, s.E, s.d, s.F1), [&](const Block& b) {
-    mm_into(grad_x.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), grad_h.narrow(0, b.r0, b.n),
-            w1[b.e].narrow(1, b.c0, b.cn));
-    if (bias_grads) sum_rows_into(grad_b2[b.e].narrow(0, b.c0, b.cn), gy.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn));
+    for (int64_t j = 0; j + 1 < per_expert; ++j) grad_x.narrow(0, 0, M).add_(shares[j]);
   });
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }

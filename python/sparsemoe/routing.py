@@ -62,8 +62,11 @@ class Router(nn.Module):
         # vanish in bfloat16 once the bias grows. It follows the module's device only.
         bias = self._buffers.get("selection_bias")
         super()._apply(fn, recurse)
-        if bias is not None:
-            self._buffers["selection_bias"] = bias.to(device=self._buffers["selection_bias"].device)
+        moved = self._buffers.get("selection_bias")
+        if bias is not None and moved is not None and moved.dtype != bias.dtype:
+            # Undo the cast: from the unrounded values, unless they have no data (meta device).
+            source = moved if bias.is_meta else bias
+            self._buffers["selection_bias"] = source.to(device=moved.device, dtype=bias.dtype)
         return self
 
     def update_selection_bias(self, tokens_per_expert: Tensor, rate: float) -> None:
