@@ -14,6 +14,7 @@
 #include "ffn_checks.h"
 #include "cpu/activation_kernels.h"
 #include "cpu/expert_blocks.h"
+#include "cpu/few_rows_gemm.h"
 #include "cpu/fresh_buffers.h"
 #include "cpu/index_checks.h"
 
@@ -66,28 +67,37 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
     // First projection and activation, by blocks of activation columns: a gated block computes
     // its gate and up columns, so the activation needs nothing outside the block.
     for_each_block("sparsemoe::expert_ffn gemm1+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
-      const at::Tensor rows = x.narrow(0, b.r0, b.n);
-      const at::Tensor h = hidden.narrow(0, b.r0, b.n);
-      if (gated && b.cn == s.f) {
-        // The block spans the whole activation: gate and up rows in one GEMM.
-        linear_into(h, rows, w1[b.e].t(), b1.defined() ? b1[b.e] : at::Tensor());
-      } else {
-        linear_into(h.narrow(1, b.c0, b.cn), rows, w1[b.e].narrow(0, b.c0, b.cn).t(),
-                    slice_or_undefined(b1, b.e, b.c0, b.cn));
-      }
-      if (gated && b.cn < s.f) {
-        linear_into(h.narrow(1, s.f + b.c0, b.cn), rows, w1[b.e].narrow(0, s.f + b.c0, b.cn).t(),
-                    slice_or_undefined(b1, b.e, s.f + b.c0, b.cn));
+      for (int64_t half = 0; half < (gated ? 2 : 1); ++half) {
+        const int64_t c0 = half * s.f + b.c0;  // the half's first column of hidden, row of w1[e]
+        if (b.n <= kFewRows) {
+          few_rows_gemm<scalar_t>(row_ptr<scalar_t>(x, b.r0, 0), s.d, row_ptr<scalar_t>(w1[b.e], c0, 0), s.d,
+                                  b1.defined() ? b1.data_ptr<scalar_t>() + b.e * s.F1 + c0 : nullptr,
+                                  row_ptr<scalar_t>(hidden, b.r0, c0), s.F1, b.n, b.cn, s.d);
+        } else if (gated && b.cn == s.f) {
+          // The block spans the whole activation: gate and up rows in one GEMM.
+          linear_into(hidden.narrow(0, b.r0, b.n), x.narrow(0, b.r0, b.n), w1[b.e].t(),
+                      b1.defined() ? b1[b.e] : at::Tensor());
+          break;
+        } else {
+          linear_into(hidden.narrow(0, b.r0, b.n).narrow(1, c0, b.cn), x.narrow(0, b.r0, b.n),
+                      w1[b.e].narrow(0, c0, b.cn).t(), slice_or_undefined(b1, b.e, c0, b.cn));
+        }
       }
       const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
       activation_forward_block<scalar_t>(act, {g, gated ? g + s.f : nullptr, s.F1},
                                          {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f}, b.n, b.cn);
     });
-  });
-  // Second projection, by blocks of output columns.
-  for_each_block("sparsemoe::expert_ffn gemm2", expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
-    linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), a.narrow(0, b.r0, b.n),
-                w2[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
+    // Second projection, by blocks of output columns.
+    for_each_block("sparsemoe::expert_ffn gemm2", expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
+      if (b.n <= kFewRows) {
+        few_rows_gemm<scalar_t>(row_ptr<scalar_t>(a, b.r0, 0), s.f, row_ptr<scalar_t>(w2[b.e], b.c0, 0), s.f,
+                                b2.defined() ? b2.data_ptr<scalar_t>() + b.e * s.d + b.c0 : nullptr,
+                                row_ptr<scalar_t>(y, b.r0, b.c0), s.d, b.n, b.cn, s.f);
+        return;
+      }
+      linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), a.narrow(0, b.r0, b.n),
+                  w2[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
+    });
   });
   // Capacity padding rows belong to no expert: they output zero.
   hidden.narrow(0, M, s.N - M).zero_();
