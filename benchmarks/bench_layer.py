@@ -115,25 +115,37 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(step, warmup: int, runs: int, device: str) -> tuple[float, int]:
-    """Median wall time of `step` in ms, and the number of timed runs it took."""
-    # The first warm-up run is timed only to pick the number of timed runs.
+def timed_ms(step, device: str) -> float:
     synchronize(device)
     t0 = time.perf_counter()
     step()
     synchronize(device)
-    if time.perf_counter() - t0 > SLOW_RUN_S:
-        runs = min(runs, SLOW_RUNS)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def median_ms(step, warmup: int, runs: int, device: str) -> float:
+    """Median wall time of `step` in ms over `runs` runs after `warmup` runs."""
+    for _ in range(warmup):
+        step()
+    return statistics.median(timed_ms(step, device) for _ in range(runs))
+
+
+def round_robin_ms(steps: dict, warmup: int, runs: int, device: str) -> tuple[dict, dict]:
+    """Median ms of each step, timed in interleaved rounds (one run of each step per round) so
+    that a slow spell of a shared machine lands on every implementation alike, not on one.
+    A step whose first run exceeds SLOW_RUN_S drops out after SLOW_RUNS timed runs.
+    Returns the medians and the number of timed runs of each."""
+    first = {name: timed_ms(step, device) for name, step in steps.items()}
+    want = {name: min(runs, SLOW_RUNS) if first[name] > 1e3 * SLOW_RUN_S else runs for name in steps}
     for _ in range(warmup - 1):
-        step()
-    times = []
-    for _ in range(runs):
-        synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), runs
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for round_ in range(runs):
+        for name, step in steps.items():
+            if round_ < want[name]:
+                times[name].append(timed_ms(step, device))
+    return {name: statistics.median(t) for name, t in times.items()}, want
 
 
 def peak_mb(step, device: str) -> float:
@@ -166,7 +178,7 @@ def copy_bandwidth(device: str) -> float:
     n = 64 * 2 ** 20  # 256 MiB of float32, far beyond any cache
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    ms, _ = median_ms(lambda: dst.copy_(src), 2, 10, device)
+    ms = median_ms(lambda: dst.copy_(src), 2, 10, device)
     return 2 * src.nbytes / (ms / 1e3)
 
 
@@ -200,9 +212,10 @@ def bench_config(shape: Shape, T: int, dtype: torch.dtype, grouped_ok: dict, arg
     for pass_ in ("fwd", "fwd+bwd"):
         row = {"shape": shape, "T": T, "dtype": dtype, "pass": pass_, "few_runs": False, "peak": {},
                "read_ms": read_ms if T <= DECODE_MAX_T and pass_ == "fwd" else None}
+        steps = {}
         for impl in IMPLS:
+            row[impl] = None
             if impl == "grouped_mm" and not grouped_ok[pass_]:
-                row[impl] = None
                 continue
             if pass_ == "fwd":
                 step = (forward_step(lambda r: moe_peers.dense_ffn(r, *expert0), rows) if impl == "dense"
@@ -214,14 +227,16 @@ def bench_config(shape: Shape, T: int, dtype: torch.dtype, grouped_ok: dict, arg
                 xg = x.clone().requires_grad_()
                 step = train_step(moe_fn(impl, layer), xg, [xg, *layer.parameters()], g)
             try:
-                row[impl], n = median_ms(step, args.warmup, args.runs, device)
+                step()
             except RuntimeError as err:  # a peer the installed torch cannot run at this shape
                 print(f"  {impl}: {str(err).splitlines()[0]}", flush=True)
-                row[impl] = None
                 continue
-            row["few_runs"] |= n < args.runs
-            if pass_ == "fwd+bwd" and T >= MEMORY_MIN_T and impl != "dense":
-                row["peak"][impl] = peak_mb(step, device)
+            steps[impl] = step
+        medians, counts = round_robin_ms(steps, args.warmup, args.runs, device)
+        row.update(medians)
+        row["few_runs"] = any(n < args.runs for n in counts.values())
+        if pass_ == "fwd+bwd" and T >= MEMORY_MIN_T:
+            row["peak"] = {impl: peak_mb(step, device) for impl, step in steps.items() if impl != "dense"}
         results.append(row)
         print(bench_report.format_row(row), flush=True)
     return results
@@ -264,13 +279,13 @@ def stage_breakdown(shape: Shape, T: int, dtype: torch.dtype, args) -> list[tupl
     fwd, train = forward_step(layer, x), train_step(layer, x, [x, *layer.parameters()], g)
     fwd_ms, train_ms = profiled_ms(fwd, args.runs), profiled_ms(train, args.runs)
     out = [(name, sum(fwd_ms.get(k, 0.0) for k in keys)) for name, keys in FORWARD_STAGES]
-    out.append(("whole forward (unprofiled wall time)", median_ms(fwd, args.warmup, args.runs, "cpu")[0]))
+    out.append(("whole forward (unprofiled wall time)", median_ms(fwd, args.warmup, args.runs, "cpu")))
     for name, keys in BACKWARD_STAGES:
         ms = sum(train_ms.get(k, 0.0) for k in keys)
         if "sparsemoe::combine" in keys:
             ms -= fwd_ms.get("sparsemoe::combine", 0.0)
         out.append((name, ms))
-    out.append(("whole forward+backward (unprofiled wall time)", median_ms(train, args.warmup, args.runs, "cpu")[0]))
+    out.append(("whole forward+backward (unprofiled wall time)", median_ms(train, args.warmup, args.runs, "cpu")))
     return out
 
 
