@@ -64,7 +64,8 @@ def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float
         f"- command: `{' '.join(['python benchmarks/bench_layer.py', *cli])}`",
         f"- protocol: {args.warmup} warm-up runs, median of {args.runs} timed runs (time.perf_counter"
         + (", synchronised" if args.device == "cuda" else "") + "), the four implementations timed in "
-        "interleaved rounds so that a slow spell of the shared machine hits them alike; in rows marked †, "
+        "interleaved rounds so that a slow spell of the shared machine hits them alike, each timed run "
+        "after an untimed one of the same implementation (except the slow ones); in rows marked †, "
         f"implementations whose single run exceeded {slow_run_s:.0f} s got {slow_runs} timed runs. fwd runs "
         "under torch.no_grad; fwd+bwd is (out * g).sum().backward() into the input and all parameters.",
         "- shapes: " + "; ".join(f"{s.name} (full d={s.full_d} f={s.full_f}) -> d={s.d} f={s.f}" for s in shapes)
