@@ -257,8 +257,10 @@ FORWARD_STAGES = [
     ("combine", ("sparsemoe::combine",)),
 ]
 BACKWARD_STAGES = [
-    ("grad_a GEMM, activation backward, weight-gradient GEMMs", ("sparsemoe::expert_ffn_backward grad_a+act+grad_w",)),
-    ("grad_x GEMM", ("sparsemoe::expert_ffn_backward grad_x",)),
+    ("expert blocks: grad_a GEMM, activation backward, weight-gradient and grad_x GEMMs",
+     ("sparsemoe::expert_ffn_backward blocks",)),
+    ("rest of the expert backward (buffers, empty experts, summing grad_x shares)",
+     ("sparsemoe::expert_ffn_backward",)),
     # dispatch's backward is a combine; the forward's own combine is subtracted below.
     ("route, dispatch and combine backward", ("sparsemoe::route_backward", "sparsemoe::scatter_rows",
                                               "sparsemoe::slot_dot", "sparsemoe::combine")),
@@ -289,6 +291,8 @@ def stage_breakdown(shape: Shape, T: int, dtype: torch.dtype, args) -> list[tupl
         ms = sum(train_ms.get(k, 0.0) for k in keys)
         if "sparsemoe::combine" in keys:
             ms -= fwd_ms.get("sparsemoe::combine", 0.0)
+        if keys == ("sparsemoe::expert_ffn_backward",):  # the op, less its blocks listed above
+            ms -= train_ms.get("sparsemoe::expert_ffn_backward blocks", 0.0)
         out.append((name, ms))
     out.append(("whole forward+backward (unprofiled wall time)", median_ms(train, args.warmup, args.runs, "cpu")))
     return out

@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     const std::vector<Block> blocks = expert_blocks(o, s.E, s.f, s.d, one_block_per_expert ? s.f : 64);
     const int64_t per_expert = blocks.empty() ? 1 : (s.f + blocks[0].cn - 1) / blocks[0].cn;
     at::Tensor shares = at::empty({per_expert - 1, M, s.d}, x.options());
-    for_each_block("sparsemoe::expert_ffn_backward", blocks, [&](const Block& b) {
+    for_each_block("sparsemoe::expert_ffn_backward blocks", blocks, [&](const Block& b) {
       const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       const int64_t j = b.c0 / blocks[0].cn;
       const int64_t halves = gated ? 2 : 1;
