@@ -18,7 +18,8 @@ from torch.func import functional_call
 from sparsemoe import MoELayer, routing_summary
 from conftest import lowp_tolerance
 from test_cuda_ops import DEV, needs_cuda
-from test_layer_options import CASES, D, STATS, build, close, grad_or_zero, inputs, loss_of, run_oracle
+from test_layer_options import (CASES, D, STATS, build, check_autocast_bf16_matches_bf16_layer, close, grad_or_zero,
+                                inputs, loss_of, run_oracle)
 
 pytestmark = needs_cuda
 
@@ -135,23 +136,7 @@ def test_cuda_layer_zero_and_one_token(case, shape):
 
 @pytest.mark.parametrize("case", ["preset_mixtral", "preset_gpt_oss", "preset_switch"])
 def test_cuda_autocast_bf16_matches_bf16_layer(case):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=7).to(DEV)
-    x, _ = inputs(shape, torch.float32, seed=8)
-    x = x.to(DEV).requires_grad_(True)
-    with torch.autocast(DEV.type, dtype=torch.bfloat16):
-        out = layer(x)
-    assert out.dtype == torch.bfloat16
-    # The experts run in bf16 and the routing math in float32, exactly like a bf16 copy.
-    layer16 = build(opts, torch.bfloat16, seed=7).to(DEV)
-    with torch.no_grad():
-        assert torch.equal(out, layer16(x.detach().bfloat16()))
-    assert torch.equal(layer.tokens_per_expert, layer16.tokens_per_expert)
-    assert layer.aux_loss.dtype == torch.float32 and layer.z_loss.dtype == torch.float32
-    (out.float().square().sum() + layer.aux_loss).backward()
-    assert x.grad.dtype == torch.float32
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32, name
+    check_autocast_bf16_matches_bf16_layer(case, DEV)
 
 
 def test_cuda_selection_bias_update_matches_cpu():

@@ -296,17 +296,16 @@ def test_compile_matches_eager(case):
 # --- autocast --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["preset_mixtral", "preset_gpt_oss", "preset_switch"])
-def test_autocast_bf16_matches_bf16_layer(case):
+def check_autocast_bf16_matches_bf16_layer(case: str, device: torch.device) -> None:
     opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=7)
+    layer = build(opts, torch.float32, seed=7).to(device)
     x, _ = inputs(shape, torch.float32, seed=8)
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = x.to(device).requires_grad_(True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     # The experts run in bf16 and the routing math (route) in float32, exactly like a bf16 copy.
-    layer16 = build(opts, torch.bfloat16, seed=7)
+    layer16 = build(opts, torch.bfloat16, seed=7).to(device)
     with torch.no_grad():
         assert torch.equal(out, layer16(x.detach().bfloat16()))
     assert torch.equal(layer.tokens_per_expert, layer16.tokens_per_expert)
@@ -315,6 +314,11 @@ def test_autocast_bf16_matches_bf16_layer(case):
     assert x.grad.dtype == torch.float32
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("case", ["preset_mixtral", "preset_gpt_oss", "preset_switch"])
+def test_autocast_bf16_matches_bf16_layer(case):
+    check_autocast_bf16_matches_bf16_layer(case, torch.device("cpu"))
 
 
 def test_autocast_router_dtype_float32_keeps_fp32_router():
