@@ -187,10 +187,6 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.nbytes / (ms / 1e3)
 
 
-def forward_flops(shape: Shape, T: int) -> float:
-    return 6 * T * shape.k * shape.d * shape.f + 2 * T * shape.d * shape.E
-
-
 def hit_weight_bytes(layer, x) -> int:
     """Bytes of the router and of the experts the tokens of x are routed to."""
     with torch.no_grad():

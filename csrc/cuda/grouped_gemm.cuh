@@ -160,11 +160,31 @@ inline ExpertSchedule schedule_experts(const at::Tensor& expert_offsets, int64_t
   return s;
 }
 
+// Stages the [kTileK x kTile] slice of an operand at reduction index k0 in shared memory:
+// tile[k][i] = src[i * ld + k0 + k] when kContigK, else src[(k0 + k) * ld + i]; elements with
+// i >= valid or k0 + k >= K are 0, so partial tiles never touch memory outside the operand.
+// Consecutive threads read consecutive addresses of the contiguous dimension.
+template <typename scalar_t, typename acc_t, bool kContigK>
+__device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ src, int64_t ld, int64_t valid, int64_t k0,
+                                           int64_t K, acc_t (&tile)[kTileK][kTile + 1]) {
+  constexpr int kLoads = kTile * kTileK / kGemmThreads;
+#pragma unroll
+  for (int l = 0; l < kLoads; ++l) {
+    const int idx = threadIdx.x + l * kGemmThreads;
+    const int i = kContigK ? idx / kTileK : idx % kTile;
+    const int k = kContigK ? idx % kTileK : idx / kTile;
+    acc_t v = acc_t(0);
+    if (i < valid && k0 + k < K) {
+      v = static_cast<acc_t>(kContigK ? src[i * ld + (k0 + k)] : src[(k0 + k) * ld + i]);
+    }
+    tile[k][i] = v;
+  }
+}
+
 // acc[i][j] += sum_k A(m, k) * B(k, n) for the tile's m = ty + kThreadGrid*i, n = tx + kThreadGrid*j.
 // A(m, k) is a[m * lda + k] when kAContigK, else a[k * lda + m]; B(k, n) is b[n * ldb + k]
 // when kBContigK, else b[k * ldb + n]. Elements with m >= m_valid, n >= n_valid or k >= K read
-// as 0, so partial tiles never touch memory outside the operands. Shared-memory loads are
-// assigned so that consecutive threads read consecutive addresses of the contiguous dimension.
+// as 0 (stage_tile).
 template <typename scalar_t, typename acc_t, bool kAContigK, bool kBContigK>
 __device__ __forceinline__ void accumulate_tile(const scalar_t* __restrict__ a, int64_t lda, int64_t m_valid,
                                                 const scalar_t* __restrict__ b, int64_t ldb, int64_t n_valid,
@@ -172,30 +192,9 @@ __device__ __forceinline__ void accumulate_tile(const scalar_t* __restrict__ a, 
                                                 acc_t (&as)[kTileK][kTile + 1], acc_t (&bs)[kTileK][kTile + 1]) {
   const int tid = threadIdx.x;
   const int tx = tid % kThreadGrid, ty = tid / kThreadGrid;
-  constexpr int kLoads = kTile * kTileK / kGemmThreads;
   for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const int idx = tid + l * kGemmThreads;
-      const int m = kAContigK ? idx / kTileK : idx % kTile;
-      const int k = kAContigK ? idx % kTileK : idx / kTile;
-      acc_t v = acc_t(0);
-      if (m < m_valid && k0 + k < K) {
-        v = static_cast<acc_t>(kAContigK ? a[m * lda + (k0 + k)] : a[(k0 + k) * lda + m]);
-      }
-      as[k][m] = v;
-    }
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const int idx = tid + l * kGemmThreads;
-      const int n = kBContigK ? idx / kTileK : idx % kTile;
-      const int k = kBContigK ? idx % kTileK : idx / kTile;
-      acc_t v = acc_t(0);
-      if (n < n_valid && k0 + k < K) {
-        v = static_cast<acc_t>(kBContigK ? b[n * ldb + (k0 + k)] : b[(k0 + k) * ldb + n]);
-      }
-      bs[k][n] = v;
-    }
+    stage_tile<scalar_t, acc_t, kAContigK>(a, lda, m_valid, k0, K, as);
+    stage_tile<scalar_t, acc_t, kBContigK>(b, ldb, n_valid, k0, K, bs);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kTileK; ++k) {
