@@ -2,17 +2,7 @@ import pytest
 import torch
 
 from sparsemoe import ops, reference
-from conftest import lowp_tolerance
-
-
-def routed(T, d, E, k, dtype=torch.float32, drop=0.0):
-    """rows [T*k, d], slot [T,k] (a permutation, optionally with dropped picks), weights [T,k]."""
-    rows = torch.randn(T * k, d).to(dtype)
-    slot = torch.randperm(T * k).view(T, k)
-    if drop:
-        slot = torch.where(torch.rand(T, k) < drop, -1, slot)
-    weights = torch.rand(T, k, dtype=reference.opmath_dtype(dtype))
-    return rows, slot, weights
+from helpers import lowp_tolerance, routed
 
 
 @pytest.mark.parametrize("T,d,k", [(33, 16, 2), (1, 1, 1), (64, 600, 8), (7, 100, 3)])

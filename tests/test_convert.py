@@ -15,8 +15,8 @@ from torch import nn
 import transformers  # noqa: E402  (a test dependency: the README's test command installs it)
 
 from sparsemoe import MoELayer  # noqa: E402
-from sparsemoe.convert import (  # noqa: E402
-    MoEBertOutput, MoEFFN, Passthrough, collect_moe_losses, load_moe, moe_aux_loss, moeify, save_moe)
+from sparsemoe import collect_moe_losses, load_moe, moe_aux_loss, save_moe  # noqa: E402
+from sparsemoe.convert import MoEBertOutput, MoEFFN, Passthrough, moeify  # noqa: E402
 
 V, D, F, L = 64, 16, 32, 4  # vocab, hidden, intermediate, layers
 

@@ -1,7 +1,7 @@
 """MoELayer on CUDA.
 
 The same layer on the GPU equals it on the CPU (forward, every gradient, every statistic) for each
-option set of test_layer_options, and in bfloat16 stays within 2x plain PyTorch's error;
+option set of the layer cases (helpers.CASES), and in bfloat16 stays within 2x plain PyTorch's error;
 torch.compile and the replay of a CUDA graph (captured forward + backward, fed new input) equal
 eager; forward + backward is bitwise repeatable and never synchronises with the host.
 """
@@ -16,10 +16,8 @@ import torch
 from torch.func import functional_call
 
 from sparsemoe import MoELayer, routing_summary
-from conftest import lowp_tolerance
-from test_cuda_ops import DEV, needs_cuda
-from test_layer_options import (CASES, D, STATS, build, check_autocast_bf16_matches_bf16_layer, close, grad_or_zero,
-                                inputs, loss_of, run_oracle)
+from helpers import (CASES, D, DEV, STATS, build, check_autocast_bf16_matches_bf16_layer, close, grad_or_zero, inputs,
+                     loss_of, lowp_tolerance, needs_cuda, run_oracle)
 
 pytestmark = needs_cuda
 
@@ -65,8 +63,8 @@ def assert_runs_equal(a, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_layer_matches_cpu_layer(case, dtype):
-    opts, shape = CASES[case]
-    cpu_layer = build(opts, dtype)
+    config, shape = CASES[case]
+    cpu_layer = build(config, dtype)
     gpu_layer = copy.deepcopy(cpu_layer).to(DEV)
     x, g = inputs(shape, dtype)
     mask = None
@@ -79,8 +77,8 @@ def test_cuda_layer_matches_cpu_layer(case, dtype):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_layer_bf16_within_plain_pytorch_error(case):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.bfloat16).to(DEV)
+    config, shape = CASES[case]
+    layer = build(config, torch.bfloat16).to(DEV)
     x, g = (t.to(DEV) for t in inputs(shape, torch.bfloat16))
     out, grads, _ = run(layer, x, g)
     plain_out, plain_grads, _ = run_oracle(layer, x, g, torch.bfloat16)
@@ -103,11 +101,10 @@ def test_cuda_layer_bf16_within_plain_pytorch_error(case):
 @pytest.mark.parametrize("case", ["preset_deepseek_v3", "preset_gpt_oss", "preset_llama4", "preset_switch",
                                   "preset_expert_choice", "capacity_probability"])
 def test_cuda_layer_gradcheck(case):
-    opts, _ = CASES[case]
-    opts = {**opts, "router_dtype": None}  # a float32 router would not be float64-differentiable
-    if opts.get("shared_expert_d_ff"):
-        opts["shared_expert_d_ff"] = 2
-    layer = build(opts, torch.float64, seed=3, d=4, f=2).to(DEV)
+    config, _ = CASES[case]
+    # A float32 router would not be float64-differentiable.
+    layer = build(config, torch.float64, seed=3, d=4, f=2, router_dtype=None,
+                  shared_expert_d_ff=2 if config.shared_expert_d_ff else 0).to(DEV)
     torch.manual_seed(4)
     x = torch.randn(2, 3, 4, dtype=torch.float64).to(DEV).requires_grad_(True)
     names = [n for n, _ in layer.named_parameters()]
@@ -123,8 +120,8 @@ def test_cuda_layer_gradcheck(case):
 @pytest.mark.parametrize("case", ["preset_mixtral", "preset_llama4", "preset_switch", "capacity_zero"])
 @pytest.mark.parametrize("shape", [(0,), (2, 0), (1,), (1, 1)])
 def test_cuda_layer_zero_and_one_token(case, shape):
-    opts, _ = CASES[case]
-    cpu_layer = build(opts, torch.float64)
+    config, _ = CASES[case]
+    cpu_layer = build(config, torch.float64)
     gpu_layer = copy.deepcopy(cpu_layer).to(DEV)
     x, g = inputs(shape, torch.float64)
     got, want = run(gpu_layer, x, g), run(cpu_layer, x, g)
@@ -179,8 +176,8 @@ def test_cuda_routing_summary_matches_cpu():
                                           ("preset_llama4", "aot_eager"), ("preset_switch", "aot_eager"),
                                           ("preset_expert_choice", "aot_eager")])
 def test_cuda_compile_matches_eager(case, backend):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=5).to(DEV)
+    config, shape = CASES[case]
+    layer = build(config, torch.float32, seed=5).to(DEV)
     x, g = inputs(shape, torch.float32, seed=6)
     eager = run(layer, x, g)
     torch._dynamo.reset()
@@ -213,8 +210,8 @@ def capture_step(step):
 @pytest.mark.parametrize("case", ["preset_mixtral", "preset_deepseek_v3", "preset_gpt_oss", "preset_llama4",
                                   "preset_switch", "preset_expert_choice", "capacity_probability"])
 def test_cuda_graph_replay_matches_eager(case):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=2).to(DEV)
+    config, shape = CASES[case]
+    layer = build(config, torch.float32, seed=2).to(DEV)
     x0, g = inputs(shape, torch.float32, seed=3)
     static_x, static_g = x0.to(DEV).requires_grad_(True), g.to(DEV)
 
@@ -245,9 +242,9 @@ def test_cuda_graph_replay_matches_eager(case):
 @pytest.mark.parametrize("case", ["preset_mixtral", "preset_deepseek_v3", "preset_gpt_oss", "preset_llama4",
                                   "capacity_probability", "preset_expert_choice"])
 def test_cuda_layer_bitwise_repeatable(case, dtype):
-    opts, _ = CASES[case]
+    config, _ = CASES[case]
     d = 64  # with d_ff 128: bf16 takes the _grouped_mm path
-    layer = build(opts, dtype, seed=21, d=d, f=128).to(DEV)
+    layer = build(config, dtype, seed=21, d=d, f=128).to(DEV)
     torch.manual_seed(22)
     x = torch.randn(4, 1024, d).to(dtype)
     g = torch.randn(4, 1024, d).to(dtype)
@@ -259,8 +256,8 @@ NO_SYNC_CASES = {**CASES, "jitter": (dict(router_jitter=0.1), (2, 5))}
 
 @pytest.mark.parametrize("case", list(NO_SYNC_CASES))
 def test_cuda_layer_never_syncs_with_the_host(case):
-    opts, shape = NO_SYNC_CASES[case]
-    layer = build(opts, torch.float32).to(DEV)
+    config, shape = NO_SYNC_CASES[case]
+    layer = build(config, torch.float32).to(DEV)
     x, g = (t.to(DEV) for t in inputs(shape, torch.float32))
     mask = torch.rand(shape) > 0.3
     mask.view(-1)[0] = True

@@ -6,18 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemoe import ops, reference
-
-
-def random_ids(T, E, k):
-    return torch.rand(T, E).argsort(dim=1)[:, :k].contiguous()
-
-
-def make_priority(kind, T, k, dtype=torch.float32):
-    if kind is None:
-        return None
-    if kind == "rand":
-        return torch.rand(T, k, dtype=dtype)
-    return torch.randint(0, 3, (T, k)).to(dtype)  # "ties": many equal priorities
+from helpers import make_priority, random_ids
 
 
 def dispatch(x, ids, E, capacity=-1, priority=None, token_groups=1):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparsemoe import ops, reference
-from conftest import assert_grads_close, lowp_tolerance
+from helpers import assert_grads_close, lowp_tolerance
 
 ACTS = ops.ACTIVATIONS
 

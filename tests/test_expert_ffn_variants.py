@@ -6,36 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsemoe import ops, reference
-from conftest import assert_grads_close, lowp_tolerance
+from helpers import assert_grads_close, experts, hidden_pre_activation, kink_distance, lowp_tolerance
 
 ACTS = ("swiglu", "clamped_swiglu", "silu", "gelu", "gelu_tanh", "relu")
-GATED = ("swiglu", "clamped_swiglu")
-
-
-def experts(N, d, f, E, act, dtype=torch.float32, counts=None, pad=0, x_scale=1.0):
-    """x_sorted [N + pad, d] (the last `pad` rows are capacity padding), offsets [E+1] with
-    offsets[E] = N, w1 [E,F1,d], w2 [E,d,f], b1 [E,F1], b2 [E,d]."""
-    if counts is None:
-        cuts = torch.sort(torch.randint(0, N + 1, (E - 1,))).values
-        counts = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([N])]))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(counts).cumsum(0)])
-    assert offsets[-1] == N
-    width = 2 * f if act in GATED else f
-    x = (torch.randn(N + pad, d) * x_scale).to(dtype)
-    w1 = (torch.randn(E, width, d) / d**0.5).to(dtype)
-    w2 = (torch.randn(E, d, f) / f**0.5).to(dtype)
-    b1 = (torch.randn(E, width) * 0.5).to(dtype)
-    b2 = (torch.randn(E, d) * 0.5).to(dtype)
-    return x, offsets, w1, w2, b1, b2
 
 
 def ffn(x, off, w1, w2, act, b1=None, b2=None, **kw):
     return ops.expert_ffn(x, off, w1, w2, act, b1=b1, b2=b2, **kw)
-
-
-def hidden_pre_activation(x, off, w1, b1):
-    """x @ w1[e]^T + b1[e] for the rows of each expert (padding rows left out)."""
-    return torch.cat([x[off[e]:off[e + 1]] @ w1[e].T + (0 if b1 is None else b1[e]) for e in range(w1.shape[0])])
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -220,16 +197,6 @@ def test_low_precision_within_2x_plain_pytorch(dtype, act):
 
 
 # --- gradcheck and opcheck ---------------------------------------------------------------------
-
-
-def kink_distance(x, off, w1, b1, act, limit):
-    h = hidden_pre_activation(x, off, w1, b1)
-    if act == "clamped_swiglu":
-        gate, up = h.chunk(2, -1)
-        return min((gate - limit).abs().min(), (up - limit).abs().min(), (up + limit).abs().min()).item()
-    if act == "relu":
-        return h.abs().min().item()
-    return 1.0
 
 
 @pytest.mark.parametrize("act", ACTS)

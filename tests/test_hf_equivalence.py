@@ -47,7 +47,7 @@ except ImportError as e:  # pragma: no cover
 assert int(transformers.__version__.split(".")[0]) >= 5, \
     f"tests/test_hf_equivalence.py builds transformers 5.x blocks, found {transformers.__version__}"
 
-from conftest import lowp_tolerance  # noqa: E402
+from helpers import lowp_tolerance  # noqa: E402
 
 from sparsemoe import MoELayer, reference  # noqa: E402
 from sparsemoe.hf import (  # noqa: E402
@@ -151,26 +151,25 @@ def make_input(dtype=torch.float32, seed=1):
 # --- the layer as the README defines it, from sparsemoe.reference --------------------------------
 
 
-def reference_layer(sd, opts, x):
+def reference_layer(sd, config, x):
     """MoELayer's forward per its design, composed of sparsemoe.reference ops: matching HF with
     this tells a conversion bug from a layer bug."""
     t = x.reshape(-1, x.shape[-1])
     w, b = sd["router.weight"], sd.get("router.bias")
-    rd = opts.get("router_dtype") or t.dtype
+    rd = config.router_dtype or t.dtype
     logits = F.linear(t.to(rd), w.to(rd), None if b is None else b.to(rd))
-    weights, ids = reference.route(logits, opts["top_k"], opts.get("renormalize", True),
-                                   opts.get("scoring", "softmax"), sd.get("router.selection_bias"),
-                                   opts.get("num_groups", 1), opts.get("topk_groups", 1),
-                                   opts.get("routed_scaling_factor", 1.0))
-    capacity = opts.get("expert_capacity")
-    groups = x.reshape(-1, x.shape[-2], x.shape[-1]).shape[0] if opts.get("capacity_scope") == "sequence" else 1
+    weights, ids = reference.route(logits, config.top_k, config.renormalize, config.scoring,
+                                   sd.get("router.selection_bias"), config.num_groups, config.topk_groups,
+                                   config.routed_scaling_factor)
+    capacity = config.expert_capacity
+    groups = x.reshape(-1, x.shape[-2], x.shape[-1]).shape[0] if config.capacity_scope == "sequence" else 1
     x_sorted, offsets, slot = reference.dispatch(t, ids, sd["gate_up_proj"].shape[0],
                                                  -1 if capacity is None else capacity, None, groups)
-    if opts.get("weights_on_input"):
+    if config.weights_on_input:
         x_sorted, weights = reference.scatter_rows(t, slot, weights, x_sorted.shape[0]), None
-    y = reference.expert_ffn(x_sorted, offsets, sd["gate_up_proj"], sd["down_proj"], opts["activation"],
-                             sd.get("gate_up_proj_bias"), sd.get("down_proj_bias"),
-                             opts.get("swiglu_alpha", 1.702), opts.get("swiglu_limit", 7.0))
+    y = reference.expert_ffn(x_sorted, offsets, sd["gate_up_proj"], sd["down_proj"], config.activation,
+                             sd.get("gate_up_proj_bias"), sd.get("down_proj_bias"), config.swiglu_alpha,
+                             config.swiglu_limit)
     out = reference.combine(y, slot, weights)
     if "shared_expert.up_proj.weight" in sd:
         s = F.linear(F.silu(F.linear(t, sd["shared_expert.gate_proj.weight"]))
@@ -331,10 +330,7 @@ def test_per_expert_layout_state_dict(family):
     if family != "switch_transformers":
         assert_bitwise_equal(to_hf_state_dict(back, family, "fused"), block.state_dict())
 
-    opts = layer_options(config, family, block)
-    k = opts.pop("top_k")
-    E, _, d = back["gate_up_proj"].shape
-    layer = MoELayer(d, back["down_proj"].shape[2], E, k, **opts)
+    layer = MoELayer.from_config(layer_options(config, family, block))
     layer.load_state_dict(back)
     x = make_input()
     with torch.no_grad():

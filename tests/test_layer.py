@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import sparsemoe
-from sparsemoe import MoELayer, reference
+from sparsemoe import MoEConfig, MoELayer, reference
 from sparsemoe.ops import ACTIVATIONS, GATED_ACTIVATIONS
 
 PARAM_NAMES = ("router.weight", "gate_up_proj", "down_proj")
@@ -54,8 +54,10 @@ def run_reference(params: dict[str, torch.Tensor], x: torch.Tensor, grad_out: to
     """Forward + backward of reference.moe_forward with copies of params cast to dtype."""
     leaves = {n: p.detach().to(dtype).clone().requires_grad_(True) for n, p in params.items()}
     xr = x.detach().to(dtype).clone().requires_grad_(True)
-    out = reference.moe_forward(xr, leaves["router.weight"], leaves["gate_up_proj"],
-                                leaves["down_proj"], top_k, activation, renormalize)
+    E, _, d = params["gate_up_proj"].shape
+    config = MoEConfig(d_model=d, d_ff=params["down_proj"].shape[2], num_experts=E, top_k=top_k,
+                       activation=activation, renormalize=renormalize)
+    out = reference.moe_forward(xr, leaves, config)
     out.backward(grad_out.to(dtype))
     grads = {"x": xr.grad}
     grads.update({n: p.grad for n, p in leaves.items()})
@@ -204,7 +206,7 @@ def test_autocast_bf16():
     # Close to fp32 at bf16 tolerance: within 2x the error of the reference loop run in bf16.
     p = params_of(layer)
     with torch.no_grad():
-        ref16 = reference.moe_forward(x.bfloat16(), *(p[n].bfloat16() for n in PARAM_NAMES), k)
+        ref16 = reference.moe_forward(x.bfloat16(), {n: p[n].bfloat16() for n in PARAM_NAMES}, layer.config)
     err_ref = max_err(ref16, out32)
     assert 0 < max_err(out, out32) <= 2 * err_ref + 1e-6
 
@@ -488,8 +490,7 @@ def test_state_dict_layout(activation):
     x = torch.randn(2, 5, d, dtype=torch.float32)
     with torch.no_grad():
         out = layer(x)
-        ref = reference.moe_forward(x, new["router.weight"], new["gate_up_proj"], new["down_proj"],
-                                    k, activation)
+        ref = reference.moe_forward(x, new, layer.config)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert sparsemoe.MoELayer is MoELayer
 

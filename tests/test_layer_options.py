@@ -20,62 +20,8 @@ from torch import nn
 from torch.func import functional_call
 
 from sparsemoe import MoELayer, RoutingCollapseWarning, reference, routing_summary
-from conftest import lowp_tolerance
-
-D, FF = 8, 12  # d_model, d_ff of every layer here unless a test says otherwise
-
-# name -> (constructor options, input shape). top_k and num_experts are in the options.
-PRESETS = {
-    "mixtral": (dict(num_experts=4, top_k=2), (2, 5)),
-    "qwen2_moe": (dict(num_experts=6, top_k=2, renormalize=False, shared_expert_d_ff=10,
-                       shared_expert_gate=True), (2, 5)),
-    "deepseek_v3": (dict(num_experts=8, top_k=2, scoring="sigmoid", selection_bias=True, num_groups=4,
-                         topk_groups=2, routed_scaling_factor=2.5, shared_expert_d_ff=10,
-                         router_dtype=torch.float32), (2, 5)),
-    "gpt_oss": (dict(num_experts=4, top_k=2, scoring="softmax_topk", router_bias=True, expert_bias=True,
-                     activation="clamped_swiglu", swiglu_limit=0.6, swiglu_alpha=1.5), (2, 5)),
-    "llama4": (dict(num_experts=4, top_k=1, scoring="sigmoid", renormalize=False, weights_on_input=True,
-                    shared_expert_d_ff=10), (2, 5)),
-    "switch": (dict(num_experts=4, top_k=1, activation="relu", renormalize=False, router_bias=True,
-                    expert_capacity=2, capacity_scope="sequence"), (2, 6)),
-    "expert_choice": (dict(num_experts=4, top_k=2, routing="expert_choice", capacity_factor=1.0), (2, 5)),
-}
-
-# One option (or a small combination) at a time on a plain top-2 softmax layer.
-OPTIONS = {
-    "sigmoid": dict(scoring="sigmoid"),
-    "sigmoid_no_renorm": dict(scoring="sigmoid", renormalize=False),
-    "softmax_topk": dict(scoring="softmax_topk"),
-    "router_bias": dict(router_bias=True),
-    "router_dtype_fp32": dict(router_dtype=torch.float32),
-    "selection_bias": dict(selection_bias=True, scoring="sigmoid"),
-    "selection_bias_softmax": dict(selection_bias=True),
-    "groups": dict(num_experts=8, num_groups=4, topk_groups=2, top_k=3),
-    "groups_bias": dict(num_experts=8, num_groups=2, topk_groups=1, selection_bias=True, scoring="sigmoid"),
-    "scaling": dict(routed_scaling_factor=1.7),
-    "capacity_factor": dict(capacity_factor=0.75),
-    "capacity_probability": dict(capacity_factor=0.75, drop_policy="probability"),
-    "expert_capacity": dict(expert_capacity=2),
-    "capacity_zero": dict(expert_capacity=0),
-    "capacity_sequence": dict(expert_capacity=2, capacity_scope="sequence"),
-    "capacity_sequence_probability": dict(capacity_factor=0.5, capacity_scope="sequence",
-                                          drop_policy="probability"),
-    "shared": dict(shared_expert_d_ff=10),
-    "shared_gate": dict(shared_expert_d_ff=10, shared_expert_gate=True),
-    "shared_plain_activation": dict(activation="gelu", shared_expert_d_ff=10, shared_expert_gate=True),
-    "expert_bias": dict(expert_bias=True),
-    "expert_bias_relu": dict(expert_bias=True, activation="relu"),
-    "weights_on_input": dict(weights_on_input=True, top_k=2),
-    "clamped_swiglu": dict(activation="clamped_swiglu", swiglu_limit=0.5),
-    "expert_choice_half": dict(routing="expert_choice", capacity_factor=0.5, scoring="sigmoid"),
-    "expert_choice_capacity": dict(routing="expert_choice", expert_capacity=3, capacity_scope="sequence"),
-}
-
-CASES = {**{f"preset_{n}": c for n, c in PRESETS.items()},
-         **{n: (c, (2, 5)) for n, c in OPTIONS.items()}}
-
-STATS = ("aux_loss", "z_loss", "tokens_per_expert", "dropped_fraction", "router_entropy", "router_logits")
-
+from helpers import (CASES, D, FF, STATS, build, check_autocast_bf16_matches_bf16_layer, close, grad_or_zero, inputs,
+                     loss_of, lowp_tolerance, oracle, run_layer, run_oracle)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -87,97 +33,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def build(opts: dict, dtype=torch.float32, seed=0, d=D, f=FF, **extra) -> MoELayer:
-    """A layer with the given options and non-trivial parameters, built in `dtype` (the same
-    values, rounded, whatever the dtype)."""
-    opts = {"num_experts": 6, "top_k": 2, **opts, **extra}
-    torch.manual_seed(seed)
-    master = MoELayer(d, f, **opts)
-    with torch.no_grad():
-        master.router.weight.normal_(0.0, 2.0 / math.sqrt(d))  # logits of order 1
-        if master.router.bias is not None:
-            master.router.bias.normal_(0.0, 0.5)
-        if master.router.selection_bias is not None:
-            master.router.selection_bias.normal_(0.0, 0.1)
-    layer = MoELayer(d, f, **opts, dtype=dtype)
-    layer.load_state_dict(master.state_dict())
-    return layer
-
-
-def oracle(layer: MoELayer, x, params: dict | None = None, padding_mask=None, return_stats=True):
-    """reference.moe_forward with the layer's options and `params` (default: its own)."""
-    p = dict(layer.named_parameters()) if params is None else params
-    return reference.moe_forward(
-        x, p["router.weight"], p["gate_up_proj"], p["down_proj"], layer.top_k, layer.activation,
-        layer.renormalize, scoring=layer.scoring, router_bias=p.get("router.bias"),
-        router_dtype=layer.router.dtype_override, selection_bias=layer.router.selection_bias,
-        num_groups=layer.num_groups, topk_groups=layer.topk_groups,
-        routed_scaling_factor=layer.routed_scaling_factor, routing=layer.routing,
-        capacity_factor=layer.capacity_factor, expert_capacity=layer.expert_capacity,
-        drop_policy=layer.drop_policy, capacity_scope=layer.capacity_scope,
-        gate_up_proj_bias=p.get("gate_up_proj_bias"), down_proj_bias=p.get("down_proj_bias"),
-        shared_gate_proj=p.get("shared_expert.gate_proj.weight"),
-        shared_up_proj=p.get("shared_expert.up_proj.weight"),
-        shared_down_proj=p.get("shared_expert.down_proj.weight"),
-        shared_expert_gate=p.get("shared_expert_gate.weight"), weights_on_input=layer.weights_on_input,
-        swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit, padding_mask=padding_mask,
-        return_stats=return_stats)
-
-
-def loss_of(out, g, aux, z):
-    # The losses join the backward so that their router gradients are checked too.
-    return (out.double() * g.double()).sum() + 0.3 * aux.double() + 0.01 * z.double()
-
-
-def run_layer(layer: MoELayer, x, g, padding_mask=None):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    out = layer(x, padding_mask)
-    loss_of(out, g, layer.aux_loss, layer.z_loss).backward()
-    grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-    stats = {s: getattr(layer, s) for s in STATS}
-    return out.detach(), grads, stats
-
-
-def run_oracle(layer: MoELayer, x, g, dtype, padding_mask=None):
-    leaves = {n: p.detach().to(dtype).clone().requires_grad_(True) for n, p in layer.named_parameters()}
-    xr = x.detach().to(dtype).clone().requires_grad_(True)
-    out, stats = oracle(layer, xr, leaves, padding_mask)
-    loss_of(out, g, stats["aux_loss"], stats["z_loss"]).backward()
-    grads = {"x": xr.grad, **{n: p.grad for n, p in leaves.items()}}
-    return out.detach(), grads, stats
-
-
-def grad_or_zero(grads, name, like):
-    # A parameter that got no gradient at all (e.g. every pick dropped) compares as zeros.
-    g = grads[name]
-    return torch.zeros_like(like) if g is None else g
-
-
-def close(a, b, tol, what):
-    a, b = a.double(), b.double()
-    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
-def inputs(shape, dtype, seed=1):
-    torch.manual_seed(seed)
-    x = torch.randn(*shape, D).to(dtype)
-    g = torch.randn(*shape, D).to(dtype)
-    return x, g
-
-
 # --- forward, gradients and statistics against the oracle -----------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_oracle(case, dtype):
-    opts, shape = CASES[case]
-    layer = build(opts, dtype)
+    config, shape = CASES[case]
+    layer = build(config, dtype)
     x, g = inputs(shape, dtype)
     mask = None
     if dtype == torch.float64:  # with padding (losses over the real tokens) in float64
@@ -217,8 +80,8 @@ def test_router_entropy_excludes_padding():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_within_plain_pytorch_error(case):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.bfloat16)
+    config, shape = CASES[case]
+    layer = build(config, torch.bfloat16)
     x, g = inputs(shape, torch.bfloat16)
     out, grads, _ = run_layer(layer, x, g)
     plain_out, plain_grads, _ = run_oracle(layer, x, g, torch.bfloat16)
@@ -241,12 +104,11 @@ def test_bf16_within_plain_pytorch_error(case):
 @pytest.mark.parametrize("case", ["preset_qwen2_moe", "preset_deepseek_v3", "preset_gpt_oss", "preset_llama4",
                                   "preset_switch", "preset_expert_choice", "capacity_probability"])
 def test_gradcheck(case):
-    opts, _ = CASES[case]
-    opts = {**opts, "router_dtype": None}  # a float32 router would not be float64-differentiable
-    if opts.get("shared_expert_d_ff"):
-        opts["shared_expert_d_ff"] = 2
+    config, _ = CASES[case]
     d = 4
-    layer = build(opts, torch.float64, seed=3, d=d, f=2)
+    # A float32 router would not be float64-differentiable.
+    layer = build(config, torch.float64, seed=3, d=d, f=2, router_dtype=None,
+                  shared_expert_d_ff=2 if config.shared_expert_d_ff else 0)
     torch.manual_seed(4)
     x = torch.randn(2, 3, d, dtype=torch.float64)
     names = [n for n, _ in layer.named_parameters()]
@@ -264,8 +126,8 @@ def test_gradcheck(case):
 
 @pytest.mark.parametrize("case", ["preset_deepseek_v3", "preset_switch"])
 def test_compile_matches_eager(case):
-    opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=5)
+    config, shape = CASES[case]
+    layer = build(config, torch.float32, seed=5)
     x, g = inputs(shape, torch.float32, seed=6)
 
     def step(module):
@@ -296,26 +158,6 @@ def test_compile_matches_eager(case):
 # --- autocast --------------------------------------------------------------------------------
 
 
-def check_autocast_bf16_matches_bf16_layer(case: str, device: torch.device) -> None:
-    opts, shape = CASES[case]
-    layer = build(opts, torch.float32, seed=7).to(device)
-    x, _ = inputs(shape, torch.float32, seed=8)
-    x = x.to(device).requires_grad_(True)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        out = layer(x)
-    assert out.dtype == torch.bfloat16
-    # The experts run in bf16 and the routing math (route) in float32, exactly like a bf16 copy.
-    layer16 = build(opts, torch.bfloat16, seed=7).to(device)
-    with torch.no_grad():
-        assert torch.equal(out, layer16(x.detach().bfloat16()))
-    assert torch.equal(layer.tokens_per_expert, layer16.tokens_per_expert)
-    assert layer.aux_loss.dtype == torch.float32 and layer.z_loss.dtype == torch.float32
-    (out.float().square().sum() + layer.aux_loss).backward()
-    assert x.grad.dtype == torch.float32
-    for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32, name
-
-
 @pytest.mark.parametrize("case", ["preset_mixtral", "preset_gpt_oss", "preset_switch"])
 def test_autocast_bf16_matches_bf16_layer(case):
     check_autocast_bf16_matches_bf16_layer(case, torch.device("cpu"))
@@ -324,8 +166,8 @@ def test_autocast_bf16_matches_bf16_layer(case):
 def test_autocast_router_dtype_float32_keeps_fp32_router():
     # DeepSeek-V3's float32 router: under bf16 autocast the logits must still be float32,
     # computed from the float32 input and weight (router_dtype's contract).
-    opts, shape = CASES["preset_deepseek_v3"]
-    layer = build(opts, torch.float32, seed=9)
+    config, shape = CASES["preset_deepseek_v3"]
+    layer = build(config, torch.float32, seed=9)
     x, _ = inputs(shape, torch.float32, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -780,13 +622,13 @@ def test_state_dict_keys_and_shapes():
 
 @pytest.mark.parametrize("case", ["preset_deepseek_v3", "preset_gpt_oss", "preset_qwen2_moe"])
 def test_save_load_round_trip(case):
-    opts, shape = CASES[case]
-    layer = build(opts, seed=23)
+    config, shape = CASES[case]
+    layer = build(config, seed=23)
     x = torch.randn(*shape, D)
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    fresh = MoELayer(D, FF, **opts)
+    fresh = MoELayer.from_config(config)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     for name, t in layer.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], t), name

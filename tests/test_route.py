@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsemoe import ops, reference
-from conftest import lowp_tolerance
+from helpers import lowp_tolerance
 
 route_op = torch.ops.sparsemoe.route.default
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsemoe import ops, reference
-from conftest import lowp_tolerance
+from helpers import lowp_tolerance
 
 SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 

@@ -2,7 +2,8 @@
 
 ``demo`` trains a small MoE language model beside a dense one of the same active size (see
 ``sparsemoe.demo``); ``info`` prints the versions, the kernels this build has and the threads it
-uses. Bad arguments give a one-line error and a non-zero exit, never a traceback.
+uses. Bad arguments give a one-line error and a non-zero exit, never a traceback: they are all
+checked here, before the demo job starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import sys
 
 import torch
 
-from .demo import DTYPES, CLIError, run_demo
+from . import demo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class CLIError(Exception):
+    """A bad argument or input: reported as one line on stderr, exit code 2."""
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as a single line (no usage block)."""
@@ -23,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# ----------------------------------------------------------------------------- corpus
+# ----------------------------------------------------------------------------- arguments
 
 def _positive_int(text: str) -> int:
     try:
@@ -45,30 +52,92 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_DEFAULTS = demo.DemoSettings()
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps per model")
-    p.add_argument("--experts", type=_positive_int, default=8, help="experts per MoE layer")
-    p.add_argument("--top-k", type=_positive_int, default=2, help="experts picked per token")
+    p.add_argument("--steps", type=_positive_int, default=_DEFAULTS.steps, help="optimizer steps per model")
+    p.add_argument("--experts", type=_positive_int, default=_DEFAULTS.experts, help="experts per MoE layer")
+    p.add_argument("--top-k", type=_positive_int, default=_DEFAULTS.top_k, help="experts picked per token")
     p.add_argument("--corpus", metavar="FILE", default=None,
                    help="text file to train on (default: Python's pydoc_data.topics)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    p.add_argument("--device", default=_DEFAULTS.device, help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=_DEFAULTS.dtype, choices=sorted(DTYPES),
                    help="compute dtype (bfloat16 runs under autocast, weights stay float32)")
-    p.add_argument("--out", default="sparsemoe-demo", help="folder for demo.png and summary.json")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, default=64, help="bytes per sequence")
-    p.add_argument("--d-model", type=_positive_int, default=64, help="model width")
-    p.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks")
-    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads (must divide --d-model)")
-    p.add_argument("--expert-d-ff", type=_positive_int, default=64,
+    p.add_argument("--out", default=_DEFAULTS.out, help="folder for demo.png and summary.json")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed")
+    p.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, default=_DEFAULTS.seq_len, help="bytes per sequence")
+    p.add_argument("--d-model", type=_positive_int, default=_DEFAULTS.d_model, help="model width")
+    p.add_argument("--layers", type=_positive_int, default=_DEFAULTS.layers, help="transformer blocks")
+    p.add_argument("--heads", type=_positive_int, default=_DEFAULTS.heads, help="attention heads (must divide --d-model)")
+    p.add_argument("--expert-d-ff", type=_positive_int, default=_DEFAULTS.expert_d_ff,
                    help="hidden width of each expert (the dense model gets top_k times this)")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW peak learning rate")
-    p.add_argument("--aux-coef", type=float, default=0.01, help="weight of the load-balancing loss")
-    p.add_argument("--eval-every", type=_positive_int, default=None,
+    p.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr, help="AdamW peak learning rate")
+    p.add_argument("--aux-coef", type=float, default=_DEFAULTS.aux_coef, help="weight of the load-balancing loss")
+    p.add_argument("--eval-every", type=_positive_int, default=_DEFAULTS.eval_every,
                    help="held-out evaluation interval in steps (default: steps/20)")
-    p.add_argument("--eval-batches", type=_positive_int, default=4, help="batches per evaluation")
+    p.add_argument("--eval-batches", type=_positive_int, default=_DEFAULTS.eval_batches, help="batches per evaluation")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+
+
+def load_corpus(path: str | None, seq_len: int) -> tuple[bytes, str]:
+    """The training text as bytes and a description of where it came from."""
+    if path is None:
+        data, source = demo.default_corpus()
+    else:
+        if not os.path.isfile(path):
+            raise CLIError(f"--corpus: no such file: {path}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CLIError(f"--corpus: cannot read {path}: {e.strerror or e}") from None
+        source = path
+    if len(data) < demo.min_corpus_bytes(seq_len):
+        raise CLIError(f"corpus {source}: {len(data)} bytes is too short for --seq-len {seq_len} "
+                       f"(need at least {demo.min_corpus_bytes(seq_len)} bytes)")
+    return data, source
+
+
+def check_device(name: str) -> torch.device:
+    """Parse --device and make sure tensors and the sparsemoe ops work there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
+    if device.type == "cuda":
+        import sparsemoe
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available in this torch build or on this machine")
+        if not sparsemoe._C.with_cuda:
+            raise CLIError(f"--device {name}: this sparsemoe build has no CUDA kernels (rebuild it against a CUDA torch)")
+    try:
+        from .layer import MoELayer
+        layer = MoELayer(8, 8, 2, 1, device=device)
+        layer(torch.randn(4, 8, device=device)).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means the device is unusable
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--device {name}: cannot run sparsemoe there: {msg}") from None
+    return device
+
+
+def run_demo(args) -> int:
+    """Check the demo's arguments, then run the job."""
+    if args.top_k > args.experts:
+        raise CLIError(f"--top-k {args.top_k} is larger than --experts {args.experts}")
+    if args.d_model % args.heads:
+        raise CLIError(f"--heads {args.heads} does not divide --d-model {args.d_model}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out: {args.out} exists and is not a folder")
+    device = check_device(args.device)
+    data, source = load_corpus(args.corpus, args.seq_len)
+    settings = demo.DemoSettings(
+        steps=args.steps, experts=args.experts, top_k=args.top_k, batch_size=args.batch_size, seq_len=args.seq_len,
+        d_model=args.d_model, layers=args.layers, heads=args.heads, expert_d_ff=args.expert_d_ff, lr=args.lr,
+        aux_coef=args.aux_coef, eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
+        device=str(device), dtype=args.dtype, out=args.out, progress=not args.no_progress)
+    return demo.run(settings, data, source)
 
 
 def cpu_flags() -> set[str]:
@@ -119,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsemoe", description="sparsemoe command line: a training demo and build info.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,info}")
     sub.required = True
-    demo = sub.add_parser("demo", help="train a small MoE and a dense byte-level LM and compare them",
+    demo_parser = sub.add_parser("demo", help="train a small MoE and a dense byte-level LM and compare them",
                           description=__doc__.split("\n\n")[1],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_demo_args(demo)
-    demo.set_defaults(func=run_demo)
+    add_demo_args(demo_parser)
+    demo_parser.set_defaults(func=run_demo)
     info = sub.add_parser("info", help="versions, built kernels, CPU features and threads")
     info.set_defaults(func=run_info)
     return parser

@@ -44,10 +44,9 @@ weights the router assigns; only float rounding of the weights' sum differs) or
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +54,7 @@ from torch import Tensor, nn
 
 from .layer import MoELayer
 
-__all__ = ["ConvertedBlock", "ConversionSummary", "MoEBertOutput", "MoEFFN", "Passthrough", "collect_moe_losses",
-           "load_moe", "moe_aux_loss", "moeify", "save_moe"]
+__all__ = ["ConvertedBlock", "ConversionSummary", "MoEBertOutput", "MoEFFN", "Passthrough", "moeify"]
 
 # --- replacement modules -----------------------------------------------------------------------
 
@@ -428,104 +426,3 @@ def moeify(model: nn.Module, num_experts: int, top_k: int, *, init: str = "upcyc
         summary.append(ConvertedBlock(b.name, b.kind, layer.d_model, layer.d_ff, layer.activation, before,
                                       _n_params(replacement)))
     return summary
-
-
-# --- losses ------------------------------------------------------------------------------------
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
-
-
-def collect_moe_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
-    """``(aux, z)``: the sums of ``aux_loss`` and ``z_loss`` over every MoELayer of ``model``
-    from its last forward (layers not run since construction are skipped)."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no MoELayer")
-    ran = [m for _, m in layers if m.aux_loss is not None]
-    if not ran:
-        raise RuntimeError("collect_moe_losses: no MoELayer has run a forward yet")
-    aux = torch.stack([m.aux_loss.float() for m in ran]).sum()
-    z = torch.stack([m.z_loss.float() for m in ran]).sum()
-    return aux, z
-
-
-def moe_aux_loss(model: nn.Module, aux_coef: float = 1e-2, z_coef: float = 1e-3) -> Tensor:
-    """``aux_coef * Σ aux_loss + z_coef * Σ z_loss`` over the MoE layers' last forward:
-    ``loss = task_loss + moe_aux_loss(model)``."""
-    aux, z = collect_moe_losses(model)
-    return aux_coef * aux + z_coef * z
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-_CONFIG_KEYS = ("d_model", "d_ff", "num_experts", "top_k", "activation", "renormalize", "scoring", "routing",
-                "num_groups", "topk_groups", "routed_scaling_factor", "capacity_factor", "expert_capacity",
-                "drop_policy", "capacity_scope", "weights_on_input")
-_META_KEY = "sparsemoe.moe_layers"
-_ALIAS_KEY = "sparsemoe.aliases"
-
-
-def _moe_config(model: nn.Module) -> dict:
-    return {name: {k: getattr(m, k) for k in _CONFIG_KEYS} for name, m in moe_layers(model)}
-
-
-def save_moe(model: nn.Module, path) -> None:
-    """Save ``model.state_dict()`` to a safetensors file, with each MoELayer's configuration in
-    the metadata. Tensors sharing storage (tied embeddings) are stored once."""
-    from safetensors.torch import save_file
-
-    tensors, aliases, seen = {}, {}, {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.numel() else None
-        if ident is not None and ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        if ident is not None:
-            seen[ident] = key
-        tensors[key] = t.detach().contiguous()
-    meta = {_META_KEY: json.dumps(_moe_config(model)), _ALIAS_KEY: json.dumps(aliases)}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def _check_state(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], source: str) -> None:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{source}: does not match the model: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, e in expected.items():
-        g = got[k]
-        if tuple(g.shape) != tuple(e.shape) or g.dtype != e.dtype:
-            raise ValueError(f"{source}: tensor {k!r}: expected shape {tuple(e.shape)} dtype {e.dtype}, "
-                             f"got shape {tuple(g.shape)} dtype {g.dtype}")
-
-
-def load_moe(model: nn.Module, path) -> None:
-    """Load a :func:`save_moe` checkpoint into ``model`` (converted with the same ``moeify``
-    settings). Any missing or extra tensor, any shape or dtype difference and any MoE layer
-    configuration difference (``top_k``, ``activation``, ...) raises ``ValueError`` naming it;
-    nothing is loaded then."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for alias, key in json.loads(meta.get(_ALIAS_KEY, "{}")).items():
-        state[alias] = state[key]
-    expected = model.state_dict()
-    _check_state(expected, state, f"checkpoint {path}")
-    if _META_KEY in meta:
-        saved, mine = json.loads(meta[_META_KEY]), json.loads(json.dumps(_moe_config(model)))
-        for name in sorted(set(saved) | set(mine)):
-            if name not in mine or name not in saved:
-                raise ValueError(f"checkpoint {path}: MoE layer {name!r} is in the "
-                                 f"{'checkpoint' if name in saved else 'model'} only")
-            for k in _CONFIG_KEYS:
-                if saved[name].get(k) != mine[name].get(k):
-                    raise ValueError(f"checkpoint {path}: MoE layer {name!r} option {k}: expected "
-                                     f"{mine[name].get(k)!r} (model), got {saved[name].get(k)!r} (checkpoint)")
-    model.load_state_dict(state, strict=True)

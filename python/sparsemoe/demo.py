@@ -6,24 +6,28 @@ prints their train and held-out losses, their training speed and the MoE model's
 per layer, and writes a plot and a JSON summary.
 
 The default corpus is the text of Python's own documentation topics (``pydoc_data.topics``,
-about 0.5 MB of English that every CPython installation carries); ``--corpus FILE`` trains on
-any other file, read as bytes.
+about 0.5 MB of English that every CPython installation carries). ``sparsemoe.cli`` parses and
+checks the command line and calls :func:`run` with a :class:`DemoSettings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from .layer import MoELayer, moe_layers
+from .stats import routing_summary
 
 # Used when pydoc_data is missing (some distributions split it off): a short text, so the demo
 # still runs; --corpus FILE gives it something better to read.
@@ -45,27 +49,42 @@ the space, then common words, then the structure of sentences.
 """
 
 
-class CLIError(Exception):
-    """A bad argument or input: reported as one line on stderr, exit code 2."""
+@dataclass(frozen=True)
+class DemoSettings:
+    """What one demo run trains and where it writes (the command line's flags, checked)."""
+    steps: int = 1500
+    experts: int = 8
+    top_k: int = 2
+    batch_size: int = 32
+    seq_len: int = 64
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    expert_d_ff: int = 64
+    lr: float = 3e-3
+    aux_coef: float = 0.01
+    eval_every: int | None = None
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"          # "bfloat16" runs under autocast, weights stay float32
+    out: str = "sparsemoe-demo"
+    progress: bool = True
 
 
-def load_corpus(path: str | None) -> tuple[bytes, str]:
-    """The training text as bytes and a description of where it came from."""
-    if path is not None:
-        if not os.path.isfile(path):
-            raise CLIError(f"--corpus: no such file: {path}")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise CLIError(f"--corpus: cannot read {path}: {e.strerror or e}") from None
-        return data, path
+def default_corpus() -> tuple[bytes, str]:
+    """Python's documentation topics as bytes, and where they came from."""
     try:
         from pydoc_data import topics
         text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
         return text.encode("utf-8"), "pydoc_data.topics (Python documentation)"
     except Exception:  # pragma: no cover - depends on the Python distribution
         return _FALLBACK_TEXT.encode("utf-8"), "built-in fallback text (pydoc_data not available)"
+
+
+def min_corpus_bytes(seq_len: int) -> int:
+    """The shortest corpus whose 90/10 train/held-out split holds a sequence on either side."""
+    return math.ceil((seq_len + 2) / 0.1)
 
 
 # ----------------------------------------------------------------------------- models
@@ -117,9 +136,8 @@ class ByteLM(nn.Module):
             x = block(x)
         return self.norm(x) @ self.embed.weight.T
 
-    def moe_layers(self) -> list:
-        from .layer import MoELayer
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for _, m in moe_layers(self)]
 
 
 def count_params(model: ByteLM, top_k: int | None = None) -> tuple[int, int]:
@@ -132,79 +150,7 @@ def count_params(model: ByteLM, top_k: int | None = None) -> tuple[int, int]:
     return total, active
 
 
-# ----------------------------------------------------------------------------- progress bar
-
-class Progress:
-    """A minimal progress bar on stderr (redrawn in place on a terminal, a few lines otherwise)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self.last_draw = 0.0
-        self.next_quarter = 0
-
-    def update(self, step: int, loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        done = step >= self.total
-        if self.tty:
-            if not done and now - self.last_draw < 0.1:
-                return
-            self.last_draw = now
-            frac = step / self.total
-            width = 30
-            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-            elapsed = now - self.start
-            eta = elapsed / step * (self.total - step) if step else float("nan")
-            extra = f" loss {loss:.3f}" if loss is not None else ""
-            sys.stderr.write(f"\r{self.label:>5} [{bar}] {step}/{self.total} {elapsed:5.1f}s eta {eta:4.0f}s{extra}  ")
-            if done:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        else:
-            quarter = 4 * step // self.total
-            if quarter >= self.next_quarter:
-                self.next_quarter = quarter + 1
-                extra = f" loss {loss:.3f}" if loss is not None else ""
-                sys.stderr.write(f"{self.label}: step {step}/{self.total} "
-                                 f"({now - self.start:.1f}s){extra}\n")
-                sys.stderr.flush()
-
-
-# ----------------------------------------------------------------------------- demo
-
-def check_device(name: str) -> torch.device:
-    """Parse --device and make sure tensors and the sparsemoe ops work there."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
-    if device.type == "cuda":
-        import sparsemoe
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: CUDA is not available in this torch build or on this machine")
-        if not sparsemoe._C.with_cuda:
-            raise CLIError(f"--device {name}: this sparsemoe build has no CUDA kernels (rebuild it against a CUDA torch)")
-    try:
-        from .layer import MoELayer
-        layer = MoELayer(8, 8, 2, 1, device=device)
-        layer(torch.randn(4, 8, device=device)).sum().backward()
-    except Exception as e:  # noqa: BLE001 - any failure means the device is unusable
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"--device {name}: cannot run sparsemoe there: {msg}") from None
-    return device
-
-
-def validate_demo_args(args) -> None:
-    if args.top_k > args.experts:
-        raise CLIError(f"--top-k {args.top_k} is larger than --experts {args.experts}")
-    if args.d_model % args.heads:
-        raise CLIError(f"--heads {args.heads} does not divide --d-model {args.d_model}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out: {args.out} exists and is not a folder")
-
+# ----------------------------------------------------------------------------- training
 
 def _batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> tuple:
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=gen)
@@ -215,8 +161,6 @@ def _batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generat
 
 def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dtype) -> dict:
     """Train ``model``; return its curves, final losses and speed (and routing for MoE)."""
-    from .stats import routing_summary
-
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
@@ -236,7 +180,8 @@ def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dty
 
     train_curve, eval_curve, load_history = [], [], []
     eval_curve.append((0, evaluate(eval_sets["held_out"])))
-    progress = Progress(args.steps, kind, enabled=not args.no_progress)
+    progress = tqdm(total=args.steps, desc=f"{kind:>5}", unit="step", disable=not args.progress, file=sys.stderr,
+                    dynamic_ncols=True)
     train_time = 0.0
     for step in range(1, args.steps + 1):
         x, y = _batch(train_data, args.batch_size, args.seq_len, gen)
@@ -253,14 +198,18 @@ def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dty
         ce_value = ce.item()  # syncs, so the step time below is real on an accelerator too
         train_time += time.perf_counter() - t0
         if not math.isfinite(ce_value):
-            raise CLIError(f"{kind} model: the training loss became {ce_value} at step {step} (try a lower --lr)")
+            progress.close()
+            raise FloatingPointError(f"{kind} model: the training loss became {ce_value} at step {step} "
+                                     f"(try a lower learning rate)")
         train_curve.append(ce_value)
         if moes:
             counts = moes[0].tokens_per_expert.detach().double().cpu()
             load_history.append((counts / counts.sum().clamp_min(1)).tolist())
         if step % eval_every == 0 or step == args.steps:
             eval_curve.append((step, evaluate(eval_sets["held_out"])))
-        progress.update(step, ce_value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{ce_value:.3f}", refresh=False)
+    progress.close()
 
     result = {
         "parameters": count_params(model)[0],
@@ -341,20 +290,18 @@ def write_plot(path: str, results: dict, args) -> str | None:
     return None
 
 
-def run_demo(args) -> int:
+def run(args: DemoSettings, data: bytes, source: str) -> int:
+    """Train both models on ``data`` (at least ``min_corpus_bytes(args.seq_len)`` bytes, from
+    ``source``), print the comparison and write the plot and the summary into ``args.out``."""
     from . import __version__
-    from .layer import MoELayer
 
-    validate_demo_args(args)
-    device = check_device(args.device)
-    dtype = DTYPES[args.dtype]
-    data, source = load_corpus(args.corpus)
+    if len(data) < min_corpus_bytes(args.seq_len):
+        raise ValueError(f"corpus {source}: {len(data)} bytes is too short for seq_len {args.seq_len} "
+                         f"(need at least {min_corpus_bytes(args.seq_len)} bytes)")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     split = int(len(data) * 0.9)
     train_bytes, held_bytes = data[:split], data[split:]
-    need = args.seq_len + 2
-    if len(held_bytes) < need or len(train_bytes) < need:
-        raise CLIError(f"corpus {source}: {len(data)} bytes is too short for --seq-len {args.seq_len} "
-                       f"(need at least {math.ceil(need / 0.1)} bytes)")
     train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
     held_data = torch.frombuffer(bytearray(held_bytes), dtype=torch.uint8).long()
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
@@ -400,7 +347,7 @@ def run_demo(args) -> int:
     note = write_plot(png, results, args)
     summary = {
         "sparsemoe_version": __version__, "torch_version": torch.__version__,
-        "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
+        "config": {k: v for k, v in dataclasses.asdict(args).items() if k != "progress"}
         | {"dense_d_ff": dense_d_ff, "device": str(device), "corpus_source": source, "corpus_bytes": len(data)},
         "moe": moe, "dense": dense, "plot": None if note else png,
     }
@@ -413,6 +360,3 @@ def run_demo(args) -> int:
         print(f"plot: {png}")
     print(f"summary: {js}")
     return 0
-
-
-# ----------------------------------------------------------------------------- info

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .config import MoEConfig
 from .layer import MoELayer
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
@@ -133,58 +134,63 @@ def _gated(config, family: str) -> None:
                          f"(sparsemoe's gated activation is SwiGLU), got {act!r}")
 
 
-def layer_options(config, family: str, block: nn.Module | None = None) -> dict:
-    """MoELayer keyword options (everything but the sizes) for a HF config.
+# The Hugging Face config attributes holding d_model, each expert's d_ff and the expert count.
+_SIZE_KEYS = {
+    "mixtral": ("hidden_size", "intermediate_size", "num_local_experts"),
+    "qwen2_moe": ("hidden_size", "moe_intermediate_size", "num_experts"),
+    "qwen3_moe": ("hidden_size", "moe_intermediate_size", "num_experts"),
+    "olmoe": ("hidden_size", "intermediate_size", "num_experts"),
+    "deepseek_v3": ("hidden_size", "moe_intermediate_size", "n_routed_experts"),
+    "gpt_oss": ("hidden_size", "intermediate_size", "num_local_experts"),
+    "llama4_text": ("hidden_size", "intermediate_size", "num_local_experts"),
+    "switch_transformers": ("d_model", "d_ff", "num_experts"),
+}
+
+
+def layer_options(config, family: str, block: nn.Module | None = None) -> MoEConfig:
+    """The MoEConfig (sizes and options) of a HF config's MoE blocks: the family's preset.
 
     GPT-OSS's alpha/limit come from the block when given: transformers 4.x hard-codes them in
     the experts and ignores the config's values.
     """
     _check_family(family)
-    k = 1 if family == "switch_transformers" else config.num_experts_per_tok
-    opts: dict = {"top_k": k}
-    if family == "mixtral":
-        _gated(config, family)
-        # Published Mixtral has no jitter; HF's (off by default) scales the whole block input,
-        # sparsemoe's only the router input, as Switch defines it.
-        opts.update(activation="swiglu", renormalize=True,
-                    router_jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
-    elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        _gated(config, family)
-        opts.update(activation="swiglu", renormalize=bool(config.norm_topk_prob))
-        if family == "qwen2_moe":
-            opts.update(shared_expert_d_ff=config.shared_expert_intermediate_size,
-                        shared_expert_gate=True)
-    elif family == "deepseek_v3":
-        _gated(config, family)
-        opts.update(activation="swiglu", renormalize=bool(config.norm_topk_prob), scoring="sigmoid",
-                    selection_bias=True, num_groups=config.n_group, topk_groups=config.topk_group,
-                    routed_scaling_factor=float(config.routed_scaling_factor),
-                    router_dtype=torch.float32,
-                    shared_expert_d_ff=config.moe_intermediate_size * config.n_shared_experts)
-    elif family == "gpt_oss":
-        experts = getattr(block, "experts", None)
-        alpha = getattr(experts, "alpha", getattr(config, "swiglu_alpha", 1.702))
-        limit = getattr(experts, "limit", getattr(config, "swiglu_limit", 7.0))
-        # The softmax over the k picked logits already sums to 1: renormalising would only
-        # change the last bit.
-        opts.update(activation="clamped_swiglu", renormalize=False, scoring="softmax_topk",
-                    router_bias=True, expert_bias=True, swiglu_alpha=float(alpha),
-                    swiglu_limit=float(limit))
-    elif family == "llama4_text":
-        _gated(config, family)
-        opts.update(activation="swiglu", renormalize=False, scoring="sigmoid",
-                    weights_on_input=True, shared_expert_d_ff=config.intermediate_size)
-    else:  # switch_transformers
+    sizes = {}
+    for name, key in zip(("d_model", "d_ff", "num_experts"), _SIZE_KEYS[family]):
+        if getattr(config, key, None) is None:
+            raise ValueError(f"config.{key}: expected the {name} of the {family} MoE blocks, got none")
+        sizes[name] = getattr(config, key)
+    if family == "switch_transformers":
         act = config.dense_act_fn
         if act not in _PLAIN_ACTIVATIONS:
             raise ValueError(f"config.dense_act_fn: expected one of {sorted(_PLAIN_ACTIVATIONS)}, got {act!r}")
-        opts.update(activation=_PLAIN_ACTIVATIONS[act], renormalize=False, scoring="softmax",
-                    router_bias=bool(config.router_bias),
-                    router_dtype=getattr(torch, config.router_dtype),
-                    expert_capacity=int(config.expert_capacity), capacity_scope="sequence",
-                    drop_policy="position",
-                    router_jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
-    return opts
+        return MoEConfig.switch(**sizes, expert_capacity=int(config.expert_capacity),
+                                activation=_PLAIN_ACTIVATIONS[act], router_bias=bool(config.router_bias),
+                                router_dtype=getattr(torch, config.router_dtype),
+                                router_jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
+    sizes["top_k"] = config.num_experts_per_tok
+    if family == "gpt_oss":
+        experts = getattr(block, "experts", None)
+        alpha = getattr(experts, "alpha", getattr(config, "swiglu_alpha", 1.702))
+        limit = getattr(experts, "limit", getattr(config, "swiglu_limit", 7.0))
+        return MoEConfig.gpt_oss(**sizes, swiglu_alpha=float(alpha), swiglu_limit=float(limit))
+    _gated(config, family)
+    if family == "mixtral":
+        # Published Mixtral has no jitter; HF's (off by default) scales the whole block input,
+        # sparsemoe's only the router input, as Switch defines it.
+        return MoEConfig.mixtral(**sizes, router_jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
+    if family == "qwen2_moe":
+        return MoEConfig.qwen2_moe(**sizes, norm_topk_prob=bool(config.norm_topk_prob),
+                                   shared_expert_d_ff=config.shared_expert_intermediate_size)
+    if family == "qwen3_moe":
+        return MoEConfig.qwen3_moe(**sizes, norm_topk_prob=bool(config.norm_topk_prob))
+    if family == "olmoe":
+        return MoEConfig.olmoe(**sizes, norm_topk_prob=bool(config.norm_topk_prob))
+    if family == "deepseek_v3":
+        return MoEConfig.deepseek_v3(**sizes, norm_topk_prob=bool(config.norm_topk_prob), num_groups=config.n_group,
+                                     topk_groups=config.topk_group,
+                                     routed_scaling_factor=float(config.routed_scaling_factor),
+                                     shared_expert_d_ff=sizes["d_ff"] * config.n_shared_experts)
+    return MoEConfig.llama4(**sizes, shared_expert_d_ff=config.intermediate_size)
 
 
 # --- state dicts ----------------------------------------------------------------------------------
@@ -343,18 +349,6 @@ def to_hf_state_dict(state_dict: Mapping[str, Tensor], family: str, layout: str 
     return out
 
 
-def _sizes(sd: Mapping[str, Tensor], activation: str) -> dict:
-    gate_up, down = sd["gate_up_proj"], sd["down_proj"]
-    E, width, d = gate_up.shape
-    f = down.shape[2]
-    gated = activation in ("swiglu", "clamped_swiglu")
-    if down.shape[:2] != (E, d) or width != (2 * f if gated else f):
-        raise ValueError(f"state_dict: expected down_proj [E={E}, d={d}, f] with gate_up_proj rows "
-                         f"{'2f' if gated else 'f'}, got gate_up_proj {tuple(gate_up.shape)} and "
-                         f"down_proj {tuple(down.shape)}")
-    return {"d_model": d, "d_ff": f, "num_experts": E}
-
-
 def _load(target: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
     """Copy `sd` into `target`'s tensors in place, after checking keys and shapes, keeping the
     target's dtypes (HF blocks can hold mixed dtypes, e.g. a float32 Switch router)."""
@@ -380,12 +374,8 @@ def from_hf(block: nn.Module, config, family: str | None = None) -> MoELayer:
     family = family or family_of(block)
     _check_family(family)
     sd = from_hf_state_dict(block.state_dict(), family)
-    opts = layer_options(config, family, block)
-    sizes = _sizes(sd, opts["activation"])
-    top_k = opts.pop("top_k")
     ref = sd["down_proj"]
-    layer = MoELayer(sizes["d_model"], sizes["d_ff"], sizes["num_experts"], top_k, **opts,
-                     device=ref.device, dtype=ref.dtype)
+    layer = MoELayer.from_config(layer_options(config, family, block), device=ref.device, dtype=ref.dtype)
     # Keep the router in the block's dtype (a Switch router becomes float32 after its first
     # forward) so that to_hf gives back the same bits.
     with torch.no_grad():

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .config import MoEConfig, check_option_names
 from .losses import balance_loss_from_probs, router_probs, z_loss
-from .routing import Router, capacity_for, check_choice
+from .routing import Router
 from .shared_expert import SharedExpert
 
 
 class MoELayer(nn.Module):
     """Routed Mixture-of-Experts FFN: ``[..., d_model] -> [..., d_model]``.
 
-    Every routing scheme of today's MoE models is an option of this one layer (see the README's
-    table for the settings that reproduce Mixtral, Qwen, OLMoE, DeepSeek-V3, GPT-OSS, Llama-4 and
-    Switch); ``sparsemoe.hf`` converts their Hugging Face blocks both ways.
+    ``MoELayer(d_model, d_ff, num_experts, top_k, activation="swiglu", renormalize=True, **options)``
+    takes every field of :class:`sparsemoe.MoEConfig` as a keyword (see the README's option
+    table for the settings that reproduce Mixtral, Qwen, OLMoE, DeepSeek-V3, GPT-OSS, Llama-4
+    and Switch) and keeps it as ``layer.config``; ``MoELayer.from_config(cfg)`` builds from one.
+    The options read as attributes too (``layer.top_k``).
 
     Parameters use the Hugging Face fused layout: ``router.weight [E, d_model]``,
     ``gate_up_proj [E, 2*d_ff, d_model]`` (gate rows first) for gated activations or
@@ -32,73 +37,42 @@ class MoELayer(nn.Module):
     the next forward.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int,
-                 activation: str = "swiglu", renormalize: bool = True, *,
-                 scoring: str = "softmax", router_bias: bool = False, router_dtype: torch.dtype | None = None,
-                 selection_bias: bool = False, num_groups: int = 1, topk_groups: int = 1,
-                 routed_scaling_factor: float = 1.0, router_jitter: float = 0.0,
-                 routing: str = "token_choice", capacity_factor: float | None = None,
-                 expert_capacity: int | None = None, drop_policy: str = "position",
-                 capacity_scope: str = "batch", shared_expert_d_ff: int = 0, shared_expert_gate: bool = False,
-                 expert_bias: bool = False, weights_on_input: bool = False,
-                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, activation: str = "swiglu",
+                 renormalize: bool = True, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **options):
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: expected an int in [1, num_experts={num_experts}], got {top_k!r}")
-        check_choice("activation", activation, ops.ACTIVATIONS)
-        check_choice("scoring", scoring, ops.SCORINGS)
-        check_choice("routing", routing, ("token_choice", "expert_choice"))
-        check_choice("drop_policy", drop_policy, ("position", "probability"))
-        check_choice("capacity_scope", capacity_scope, ("batch", "sequence"))
-        if num_groups < 1 or num_experts % num_groups:
-            raise ValueError(f"num_groups: expected a divisor of num_experts={num_experts}, got {num_groups!r}")
-        if not 1 <= topk_groups <= num_groups or top_k > topk_groups * (num_experts // num_groups):
-            raise ValueError(f"topk_groups: expected 1 <= topk_groups <= num_groups={num_groups} with top_k <= "
-                             f"topk_groups * num_experts / num_groups, got {topk_groups!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor: expected a positive number or None, got {capacity_factor!r}")
-        if expert_capacity is not None and (not isinstance(expert_capacity, int) or expert_capacity < 0):
-            raise ValueError(f"expert_capacity: expected an int >= 0 or None, got {expert_capacity!r}")
-        if routing == "expert_choice" and (num_groups > 1 or weights_on_input or selection_bias):
-            # Every expert sees every token: group limits and a selection bias have nothing to
-            # choose between, and experts keep tokens by probability (drop_policy does not apply).
-            raise ValueError("routing: expert_choice does not combine with num_groups > 1, selection_bias "
-                             "or weights_on_input")
-        if shared_expert_d_ff < 0 or (shared_expert_gate and not shared_expert_d_ff):
-            raise ValueError(f"shared_expert_d_ff: expected >= 0 (and > 0 with shared_expert_gate), "
-                             f"got {shared_expert_d_ff!r}")
-        self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
-        self.activation, self.renormalize, self.scoring = activation, renormalize, scoring
-        self.num_groups, self.topk_groups, self.routed_scaling_factor = num_groups, topk_groups, routed_scaling_factor
-        self.routing, self.capacity_factor, self.expert_capacity = routing, capacity_factor, expert_capacity
-        self.drop_policy, self.capacity_scope = drop_policy, capacity_scope
-        self.weights_on_input, self.swiglu_alpha, self.swiglu_limit = weights_on_input, swiglu_alpha, swiglu_limit
-
+        check_option_names(options, "MoELayer")
+        cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k, activation=activation,
+                        renormalize=renormalize, **options)
+        self.config = cfg
         factory = {"device": device, "dtype": dtype}
-        gated = activation in ops.GATED_ACTIVATIONS
-        width = 2 * d_ff if gated else d_ff
-        self.router = Router(d_model, num_experts, router_bias, selection_bias, router_dtype, router_jitter, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, width, d_model, **factory))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, width, **factory)) if expert_bias else None
-        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if expert_bias else None
-        self.shared_expert = (SharedExpert(d_model, shared_expert_d_ff, activation, gated, swiglu_alpha,
-                                           swiglu_limit, **factory) if shared_expert_d_ff else None)
-        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
+        E, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        width = 2 * f if cfg.gated else f
+        self.router = Router(d, E, cfg.router_bias, cfg.selection_bias, cfg.router_dtype, cfg.router_jitter, **factory)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, width, d, **factory))
+        self.down_proj = nn.Parameter(torch.empty(E, d, f, **factory))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, width, **factory)) if cfg.expert_bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(E, d, **factory)) if cfg.expert_bias else None
+        self.shared_expert = (SharedExpert(d, cfg.shared_expert_d_ff, cfg.activation, cfg.swiglu_alpha,
+                                           cfg.swiglu_limit, **factory) if cfg.shared_expert_d_ff else None)
+        self.shared_expert_gate = nn.Linear(d, 1, bias=False, **factory) if cfg.shared_expert_gate else None
         self.router_logits: Tensor | None = None
         self._routing: tuple | None = None  # the last forward's (logits, ids, offsets, slot, padding_mask)
         self._stats: dict[str, Tensor] | None = None
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, config: MoEConfig, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> "MoELayer":
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config: expected a sparsemoe.MoEConfig, got {type(config).__name__}")
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)}, device=device, dtype=dtype)
+
     def reset_parameters(self) -> None:
         """Each expert is initialised like a pair of nn.Linear layers (uniform, +-1/sqrt(fan_in))."""
         self.router.reset_parameters()
-        for w, b, fan_in in ((self.gate_up_proj, self.gate_up_proj_bias, self.d_model),
-                             (self.down_proj, self.down_proj_bias, self.d_ff)):
+        for w, b, fan_in in ((self.gate_up_proj, self.gate_up_proj_bias, self.config.d_model),
+                             (self.down_proj, self.down_proj_bias, self.config.d_ff)):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
             if b is not None:
                 nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
@@ -110,8 +84,8 @@ class MoELayer(nn.Module):
 
     def _token_groups(self, shape: torch.Size) -> int:
         # capacity_scope="sequence": every sequence of an input [..., S, d] has its own capacity.
-        if self.capacity_scope == "sequence" and len(shape) >= 3:
-            return math.prod(shape[:-2])
+        if self.config.capacity_scope == "sequence" and len(shape) >= 3:
+            return max(math.prod(shape[:-2]), 1)
         return 1
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -119,51 +93,55 @@ class MoELayer(nn.Module):
         loss, the z-loss and the router entropy. Padding tokens are still routed, as in the models
         this layer reproduces, so they count in ``tokens_per_expert`` and ``dropped_fraction``
         and take capacity like any token."""
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
+        cfg = self.config
+        if x.dim() == 0 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"x: expected shape [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
         if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
             raise ValueError(f"padding_mask: expected shape {tuple(x.shape[:-1])} (x without its last dim), "
                              f"got {tuple(padding_mask.shape)}")
         shape = x.shape
-        tokens = x.reshape(-1, self.d_model)
+        tokens = x.reshape(-1, cfg.d_model)
         # The router reads the input as given: under autocast its linear is autocast like any
         # nn.Linear, unless router_dtype asks for a wider dtype.
         logits = self.router(tokens)
         w1, w2, b1, b2 = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
         device_type = tokens.device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             # Custom ops are not autocast by torch: run the experts in the autocast dtype the
             # way nn.Linear would; routing math stays in float32 inside route.
             compute = torch.get_autocast_dtype(device_type)
             tokens, w1, w2 = tokens.to(compute), w1.to(compute), w2.to(compute)
             b1, b2 = (None if b is None else b.to(compute) for b in (b1, b2))
 
-        T, E = tokens.shape[0], self.num_experts
+        T, E = tokens.shape[0], cfg.num_experts
         groups = self._token_groups(shape)
-        if self.routing == "token_choice":
-            weights, ids = ops.route(logits, self.top_k, self.renormalize, self.scoring, self.router.selection_bias,
-                                     self.num_groups, self.topk_groups, self.routed_scaling_factor)
-            capacity = capacity_for(T // groups, self.top_k, E, self.capacity_factor, self.expert_capacity)
-            priority = weights.detach() if self.drop_policy == "probability" and capacity >= 0 else None
+        capacity = cfg.capacity(T // groups)
+        if cfg.routing == "token_choice":
+            weights, ids = ops.route(logits, cfg.top_k, renormalize=cfg.renormalize, scoring=cfg.scoring,
+                                     selection_bias=self.router.selection_bias, num_groups=cfg.num_groups,
+                                     topk_groups=cfg.topk_groups, scale=cfg.routed_scaling_factor)
+            priority = weights.detach() if cfg.drop_policy == "probability" and capacity >= 0 else None
         else:
             # Expert choice: every token offers itself to every expert; each expert keeps its
             # best-scored tokens up to its capacity (top_k is the mean experts per token).
-            weights, ids = ops.route(logits, E, False, self.scoring, self.router.selection_bias, 1, 1,
-                                     self.routed_scaling_factor)
-            capacity = capacity_for(T // groups, self.top_k, E, self.capacity_factor or 1.0, self.expert_capacity)
+            weights, ids = ops.route(logits, E, renormalize=False, scoring=cfg.scoring,
+                                     scale=cfg.routed_scaling_factor)
             priority = weights.detach()
         weights = weights.to(ops.opmath_dtype(tokens.dtype))
-        if self.weights_on_input:
+        experts = dict(activation=cfg.activation, b1=b1, b2=b2, swiglu_alpha=cfg.swiglu_alpha,
+                       swiglu_limit=cfg.swiglu_limit)
+        if cfg.weights_on_input:
             # Llama-4: the router weight scales each expert's input and outputs add up unweighted.
             # Dispatch only plans (a zero-width x copies nothing); scatter_rows writes the rows.
-            plan, offsets, slot = ops.dispatch(tokens[:, :0], ids, E, capacity, priority, groups)
+            plan, offsets, slot = ops.dispatch(tokens[:, :0], ids, E, capacity=capacity, priority=priority,
+                                               token_groups=groups)
             x_in = ops.scatter_rows(tokens, slot, weights, plan.shape[0])
-            y = ops.expert_ffn(x_in, offsets, w1, w2, self.activation, b1, b2, self.swiglu_alpha, self.swiglu_limit)
-            out = ops.combine(y, slot, None)
+            y = ops.expert_ffn(x_in, offsets, w1, w2, **experts)
+            out = ops.combine(y, slot)
         else:
-            x_sorted, offsets, slot = ops.dispatch(tokens, ids, E, capacity, priority, groups)
-            y = ops.expert_ffn(x_sorted, offsets, w1, w2, self.activation, b1, b2, self.swiglu_alpha,
-                               self.swiglu_limit)
+            x_sorted, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
+                                                   token_groups=groups)
+            y = ops.expert_ffn(x_sorted, offsets, w1, w2, **experts)
             out = ops.combine(y, slot, weights)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
@@ -195,8 +173,8 @@ class MoELayer(nn.Module):
     def _compute_stats(self, logits: Tensor, ids: Tensor, offsets: Tensor, slot: Tensor,
                        padding_mask: Tensor | None) -> dict[str, Tensor]:
         stats = {"tokens_per_expert": offsets.diff()}
-        probs = router_probs(logits, self.scoring)  # once, for the aux loss and the entropy
-        if self.routing == "token_choice":
+        probs = router_probs(logits, self.config.scoring)  # once, for the aux loss and the entropy
+        if self.config.routing == "token_choice":
             stats["aux_loss"] = balance_loss_from_probs(probs, ids, padding_mask)
             stats["dropped_fraction"] = 1 - offsets[-1].to(torch.float32) / max(slot.numel(), 1)
         else:  # balanced by construction; a token no expert picked is the dropped one
@@ -229,17 +207,23 @@ class MoELayer(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        parts = [f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}",
-                 f"activation={self.activation!r}, renormalize={self.renormalize}, scoring={self.scoring!r}"]
-        if self.num_groups > 1:
-            parts.append(f"num_groups={self.num_groups}, topk_groups={self.topk_groups}")
-        if self.routed_scaling_factor != 1.0:
-            parts.append(f"routed_scaling_factor={self.routed_scaling_factor}")
-        if self.routing != "token_choice":
-            parts.append(f"routing={self.routing!r}")
-        if self.capacity_factor is not None or self.expert_capacity is not None:
-            parts.append(f"capacity_factor={self.capacity_factor}, expert_capacity={self.expert_capacity}, "
-                         f"drop_policy={self.drop_policy!r}, capacity_scope={self.capacity_scope!r}")
-        if self.weights_on_input:
-            parts.append("weights_on_input=True")
-        return ", ".join(parts)
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.non_defaults().items())
+
+
+# The options read as attributes of the layer (layer.top_k is layer.config.top_k), except where
+# the layer has a submodule of that name (shared_expert_gate is the gate's nn.Linear).
+for _field in fields(MoEConfig):
+    if _field.name != "shared_expert_gate":
+        setattr(MoELayer, _field.name, property(lambda self, _name=_field.name: getattr(self.config, _name),
+                                                doc=f"``config.{_field.name}`` (read-only)"))
+
+# inspect.signature(MoELayer) and help() list every option, although they arrive as **options.
+MoELayer.__init__.__signature__ = inspect.signature(MoELayer.__init__).replace(parameters=[
+    *[p for p in inspect.signature(MoELayer.__init__).parameters.values() if p.kind != p.VAR_KEYWORD],
+    *[inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+      for f in fields(MoEConfig) if f.name not in inspect.signature(MoELayer.__init__).parameters]])
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """Every MoELayer of ``model`` with its module name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]

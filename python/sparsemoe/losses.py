@@ -1,9 +1,10 @@
-"""Router losses and the aux-loss-free bias update. Nothing here reads a value to the host."""
+"""Router losses, the aux-loss-free bias update and the model-wide loss helpers. Nothing here
+reads a value to the host."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .ops import opmath_dtype
 
@@ -69,3 +70,26 @@ def update_selection_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) 
     load by ``rate`` and lower it for those above; experts exactly at the mean keep theirs."""
     load = tokens_per_expert.to(bias.dtype)
     bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def collect_moe_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(aux, z)``: the sums of ``aux_loss`` and ``z_loss`` over every MoELayer of ``model``
+    from its last forward (layers not run since construction are skipped)."""
+    from .layer import moe_layers  # the layer imports this module
+
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MoELayer")
+    ran = [m for _, m in layers if m.aux_loss is not None]
+    if not ran:
+        raise RuntimeError("collect_moe_losses: no MoELayer has run a forward yet")
+    aux = torch.stack([m.aux_loss.float() for m in ran]).sum()
+    z = torch.stack([m.z_loss.float() for m in ran]).sum()
+    return aux, z
+
+
+def moe_aux_loss(model: nn.Module, aux_coef: float = 1e-2, z_coef: float = 1e-3) -> Tensor:
+    """``aux_coef * Σ aux_loss + z_coef * Σ z_loss`` over the MoE layers' last forward:
+    ``loss = task_loss + moe_aux_loss(model)``."""
+    aux, z = collect_moe_losses(model)
+    return aux_coef * aux + z_coef * z

@@ -1,7 +1,9 @@
-"""Typed wrappers over torch.ops.sparsemoe, with their fake kernels and autograd.
+"""Typed wrappers over torch.ops.sparsemoe, each op with its fake kernel and its autograd.
 
-Every backward is made of sparsemoe ops, so autograd works the same in eager mode, in
-C++ and under torch.compile. Schemas and shape conventions live in csrc/ops.cpp.
+One section per op: the wrapper users call, the fake kernel (shapes and dtypes only, for
+torch.compile), and the autograd formula, whose backward is made of sparsemoe ops so that it
+works the same in eager mode and under torch.compile. Schemas and shape conventions live in
+csrc/ops.cpp; the wrappers take the same keywords as the ops in sparsemoe.reference.
 """
 
 from __future__ import annotations
@@ -10,12 +12,9 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
+from .config import ACTIVATIONS, GATED_ACTIVATIONS, SCORINGS  # noqa: F401  (re-exported)
 
 _ops = torch.ops.sparsemoe
-
-ACTIVATIONS = ("swiglu", "clamped_swiglu", "silu", "gelu", "gelu_tanh", "relu")
-GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")
-SCORINGS = ("softmax", "sigmoid", "softmax_topk")
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,7 +22,14 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --- public wrappers -------------------------------------------------------------------------
+def _check_same_device(first: tuple[str, Tensor], *others: tuple[str, Tensor | None]) -> None:
+    name0, t0 = first
+    for name, t in others:
+        torch._check(t is None or t.device == t0.device,
+                     lambda: f"{name}: expected a tensor on {t0.device} (the device of {name0}), got {t.device}")
+
+
+# --- route -------------------------------------------------------------------------------------
 
 
 def route(logits: Tensor, k: int, renormalize: bool = True, scoring: str = "softmax",
@@ -31,44 +37,6 @@ def route(logits: Tensor, k: int, renormalize: bool = True, scoring: str = "soft
           scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Score, (group-limit,) pick top-k, renormalise, scale. [T,E] -> weights [T,k], ids [T,k]."""
     return _ops.route(logits, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale)
-
-
-def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int, capacity: int = -1,
-             priority: Tensor | None = None, token_groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort the (token, pick) rows by expert, within capacity -> (x_sorted, expert_offsets, slot)."""
-    return _ops.dispatch(x, expert_ids, num_experts, capacity, priority, token_groups)
-
-
-def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
-               activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
-               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
-    """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d]."""
-    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit)[0]
-
-
-def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor:
-    """out[t] = sum_j weights[t,j] * rows[slot[t,j]] in a fixed order -> [T, d]."""
-    return _ops.combine(rows, slot, weights)
-
-
-def scatter_rows(src: Tensor, slot: Tensor, weights: Tensor | None, num_rows: int) -> Tensor:
-    """out[slot[t,j]] = weights[t,j] * src[t]; other rows 0 -> [num_rows, d]."""
-    return _ops.scatter_rows(src, slot, weights, num_rows)
-
-
-def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
-    """out[t,j] = <a[t], b[slot[t,j]]> in opmath -> [T, k]."""
-    return _ops.slot_dot(a, b, slot)
-
-
-# --- fake kernels (shapes and dtypes only; values are checked by the real kernels) -----------
-
-
-def _check_same_device(first: tuple[str, Tensor], *others: tuple[str, Tensor | None]) -> None:
-    name0, t0 = first
-    for name, t in others:
-        torch._check(t is None or t.device == t0.device,
-                     lambda: f"{name}: expected a tensor on {t0.device} (the device of {name0}), got {t.device}")
 
 
 @torch.library.register_fake("sparsemoe::route")
@@ -87,57 +55,6 @@ def _(grad_weights, logits, expert_ids, renormalize, scoring, scale):
     return torch.empty_like(logits)
 
 
-def dispatch_rows(T: int, k: int, num_experts: int, capacity: int, token_groups: int = 1) -> int:
-    """Rows of dispatch's buffer: T*k dropless, else at most capacity per expert and token group."""
-    return T * k if capacity < 0 else min(T * k, num_experts * token_groups * capacity)
-
-
-@torch.library.register_fake("sparsemoe::dispatch")
-def _(x, expert_ids, num_experts, capacity=-1, priority=None, token_groups=1):
-    _check_same_device(("x", x), ("expert_ids", expert_ids), ("priority", priority))
-    torch._check(x.dim() == 2 and expert_ids.dim() == 2, lambda: "x: expected [T, d] and expert_ids [T, k]")
-    T, k = expert_ids.shape
-    N = dispatch_rows(T, k, num_experts, capacity, token_groups)
-    return (x.new_empty((N, x.shape[1])),
-            expert_ids.new_empty((num_experts + 1,)),
-            expert_ids.new_empty((T, k)))
-
-
-@torch.library.register_fake("sparsemoe::combine")
-def _(rows, slot, weights):
-    _check_same_device(("rows", rows), ("slot", slot), ("weights", weights))
-    return rows.new_empty((slot.shape[0], rows.shape[1]))
-
-
-@torch.library.register_fake("sparsemoe::scatter_rows")
-def _(src, slot, weights, num_rows):
-    _check_same_device(("src", src), ("slot", slot), ("weights", weights))
-    return src.new_empty((num_rows, src.shape[1]))
-
-
-@torch.library.register_fake("sparsemoe::slot_dot")
-def _(a, b, slot):
-    _check_same_device(("a", a), ("b", b), ("slot", slot))
-    return a.new_empty(slot.shape, dtype=opmath_dtype(a.dtype))
-
-
-@torch.library.register_fake("sparsemoe::expert_ffn")
-def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0):
-    _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2),
-                       ("b1", b1), ("b2", b2))
-    return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
-
-
-@torch.library.register_fake("sparsemoe::expert_ffn_backward")
-def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha, swiglu_limit, bias_grads):
-    E = w1.shape[0] if bias_grads else 0
-    return (torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2),
-            w1.new_empty((E, w1.shape[1])), w1.new_empty((E, w2.shape[1])))
-
-
-# --- autograd --------------------------------------------------------------------------------
-
-
 def _route_setup(ctx, inputs, output):
     logits, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale = inputs
     ctx.options = (renormalize, scoring, scale)
@@ -154,6 +71,31 @@ def _route_backward(ctx, grad_weights, grad_ids):
 torch.library.register_autograd("sparsemoe::route", _route_backward, setup_context=_route_setup)
 
 
+# --- dispatch ----------------------------------------------------------------------------------
+
+
+def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int, capacity: int = -1,
+             priority: Tensor | None = None, token_groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the (token, pick) rows by expert, within capacity -> (x_sorted, expert_offsets, slot)."""
+    return _ops.dispatch(x, expert_ids, num_experts, capacity, priority, token_groups)
+
+
+def dispatch_rows(T: int, k: int, num_experts: int, capacity: int, token_groups: int = 1) -> int:
+    """Rows of dispatch's buffer: T*k dropless, else at most capacity per expert and token group."""
+    return T * k if capacity < 0 else min(T * k, num_experts * token_groups * capacity)
+
+
+@torch.library.register_fake("sparsemoe::dispatch")
+def _(x, expert_ids, num_experts, capacity=-1, priority=None, token_groups=1):
+    _check_same_device(("x", x), ("expert_ids", expert_ids), ("priority", priority))
+    torch._check(x.dim() == 2 and expert_ids.dim() == 2, lambda: "x: expected [T, d] and expert_ids [T, k]")
+    T, k = expert_ids.shape
+    N = dispatch_rows(T, k, num_experts, capacity, token_groups)
+    return (x.new_empty((N, x.shape[1])),
+            expert_ids.new_empty((num_experts + 1,)),
+            expert_ids.new_empty((T, k)))
+
+
 def _dispatch_setup(ctx, inputs, output):
     ctx.save_for_backward(output[2])
 
@@ -166,61 +108,28 @@ def _dispatch_backward(ctx, grad_x_sorted, grad_offsets, grad_slot):
 torch.library.register_autograd("sparsemoe::dispatch", _dispatch_backward, setup_context=_dispatch_setup)
 
 
-def _combine_setup(ctx, inputs, output):
-    rows, slot, weights = inputs
-    ctx.num_rows = rows.shape[0]
-    ctx.save_for_backward(rows, slot, weights)
+# --- expert_ffn --------------------------------------------------------------------------------
 
 
-def _combine_backward(ctx, grad_out):
-    rows, slot, weights = ctx.saved_tensors
-    grad_rows = grad_weights = None
-    if ctx.needs_input_grad[0]:
-        grad_rows = _ops.scatter_rows(grad_out, slot, weights, ctx.num_rows)
-    if weights is not None and ctx.needs_input_grad[2]:
-        grad_weights = _ops.slot_dot(grad_out, rows, slot)
-    return grad_rows, None, grad_weights
+def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
+               activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
+               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+    """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d]."""
+    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit)[0]
 
 
-torch.library.register_autograd("sparsemoe::combine", _combine_backward, setup_context=_combine_setup)
+@torch.library.register_fake("sparsemoe::expert_ffn")
+def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+    _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2),
+                       ("b1", b1), ("b2", b2))
+    return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
 
 
-def _scatter_rows_setup(ctx, inputs, output):
-    src, slot, weights, num_rows = inputs
-    ctx.save_for_backward(src, slot, weights)
-
-
-def _scatter_rows_backward(ctx, grad_out):
-    src, slot, weights = ctx.saved_tensors
-    grad_src = grad_weights = None
-    if ctx.needs_input_grad[0]:
-        grad_src = _ops.combine(grad_out, slot, weights)
-    if weights is not None and ctx.needs_input_grad[2]:
-        grad_weights = _ops.slot_dot(src, grad_out, slot)
-    return grad_src, None, grad_weights, None
-
-
-torch.library.register_autograd("sparsemoe::scatter_rows", _scatter_rows_backward,
-                                setup_context=_scatter_rows_setup)
-
-
-def _slot_dot_setup(ctx, inputs, output):
-    a, b, slot = inputs
-    ctx.num_rows = b.shape[0]
-    ctx.save_for_backward(a, b, slot)
-
-
-def _slot_dot_backward(ctx, grad_out):
-    a, b, slot = ctx.saved_tensors
-    grad_a = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_a = _ops.combine(b, slot, grad_out)
-    if ctx.needs_input_grad[1]:
-        grad_b = _ops.scatter_rows(a, slot, grad_out, ctx.num_rows)
-    return grad_a, grad_b, None
-
-
-torch.library.register_autograd("sparsemoe::slot_dot", _slot_dot_backward, setup_context=_slot_dot_setup)
+@torch.library.register_fake("sparsemoe::expert_ffn_backward")
+def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha, swiglu_limit, bias_grads):
+    E = w1.shape[0] if bias_grads else 0
+    return (torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2),
+            w1.new_empty((E, w1.shape[1])), w1.new_empty((E, w2.shape[1])))
 
 
 def _expert_ffn_setup(ctx, inputs, output):
@@ -243,3 +152,102 @@ def _expert_ffn_backward(ctx, grad_y, grad_hidden):
 
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,
                                 setup_context=_expert_ffn_setup)
+
+
+# --- combine -----------------------------------------------------------------------------------
+
+
+def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor:
+    """out[t] = sum_j weights[t,j] * rows[slot[t,j]] in a fixed order -> [T, d]."""
+    return _ops.combine(rows, slot, weights)
+
+
+@torch.library.register_fake("sparsemoe::combine")
+def _(rows, slot, weights):
+    _check_same_device(("rows", rows), ("slot", slot), ("weights", weights))
+    return rows.new_empty((slot.shape[0], rows.shape[1]))
+
+
+def _combine_setup(ctx, inputs, output):
+    rows, slot, weights = inputs
+    ctx.num_rows = rows.shape[0]
+    ctx.save_for_backward(rows, slot, weights)
+
+
+def _combine_backward(ctx, grad_out):
+    rows, slot, weights = ctx.saved_tensors
+    grad_rows = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = _ops.scatter_rows(grad_out, slot, weights, ctx.num_rows)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.slot_dot(grad_out, rows, slot)
+    return grad_rows, None, grad_weights
+
+
+torch.library.register_autograd("sparsemoe::combine", _combine_backward, setup_context=_combine_setup)
+
+
+# --- scatter_rows ------------------------------------------------------------------------------
+
+
+def scatter_rows(src: Tensor, slot: Tensor, weights: Tensor | None, num_rows: int) -> Tensor:
+    """out[slot[t,j]] = weights[t,j] * src[t]; other rows 0 -> [num_rows, d]."""
+    return _ops.scatter_rows(src, slot, weights, num_rows)
+
+
+@torch.library.register_fake("sparsemoe::scatter_rows")
+def _(src, slot, weights, num_rows):
+    _check_same_device(("src", src), ("slot", slot), ("weights", weights))
+    return src.new_empty((num_rows, src.shape[1]))
+
+
+def _scatter_rows_setup(ctx, inputs, output):
+    src, slot, weights, num_rows = inputs
+    ctx.save_for_backward(src, slot, weights)
+
+
+def _scatter_rows_backward(ctx, grad_out):
+    src, slot, weights = ctx.saved_tensors
+    grad_src = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_src = _ops.combine(grad_out, slot, weights)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.slot_dot(src, grad_out, slot)
+    return grad_src, None, grad_weights, None
+
+
+torch.library.register_autograd("sparsemoe::scatter_rows", _scatter_rows_backward,
+                                setup_context=_scatter_rows_setup)
+
+
+# --- slot_dot ----------------------------------------------------------------------------------
+
+
+def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
+    """out[t,j] = <a[t], b[slot[t,j]]> in opmath -> [T, k]."""
+    return _ops.slot_dot(a, b, slot)
+
+
+@torch.library.register_fake("sparsemoe::slot_dot")
+def _(a, b, slot):
+    _check_same_device(("a", a), ("b", b), ("slot", slot))
+    return a.new_empty(slot.shape, dtype=opmath_dtype(a.dtype))
+
+
+def _slot_dot_setup(ctx, inputs, output):
+    a, b, slot = inputs
+    ctx.num_rows = b.shape[0]
+    ctx.save_for_backward(a, b, slot)
+
+
+def _slot_dot_backward(ctx, grad_out):
+    a, b, slot = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.combine(b, slot, grad_out)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.scatter_rows(a, slot, grad_out, ctx.num_rows)
+    return grad_a, grad_b, None
+
+
+torch.library.register_autograd("sparsemoe::slot_dot", _slot_dot_backward, setup_context=_slot_dot_setup)

@@ -4,6 +4,8 @@ not to be fast. The tests hold the kernels to these.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,7 +134,7 @@ def gated_activation(gate: Tensor, up: Tensor, name: str, swiglu_alpha: float = 
     return (up + 1) * gate * torch.sigmoid(swiglu_alpha * gate)
 
 
-def activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+def apply_activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
     if name in ("swiglu", "clamped_swiglu"):
         gate, up = h.chunk(2, dim=-1)
         return gated_activation(gate, up, name, swiglu_alpha, swiglu_limit)
@@ -141,7 +143,7 @@ def activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: 
 
 
 def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
-               act: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
+               activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
                swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
     """y[r] = act(x[r] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e] for the rows r of expert e; rows past
     expert_offsets[E] (capacity padding) are 0."""
@@ -152,7 +154,7 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
             h = x_sorted[lo:hi] @ w1[e].T
             if b1 is not None:
                 h = h + b1[e]
-            out = activation(h, act, swiglu_alpha, swiglu_limit) @ w2[e].T
+            out = apply_activation(h, activation, swiglu_alpha, swiglu_limit) @ w2[e].T
             if b2 is not None:
                 out = out + b2[e]
             y[lo:hi] = out
@@ -194,29 +196,32 @@ def load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_experts: int) ->
     return num_experts * (f * probs.mean(0)).sum()
 
 
-def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
-                top_k: int, act: str = "swiglu", renormalize: bool = True, *,
-                scoring: str = "softmax", router_bias: Tensor | None = None,
-                router_dtype: torch.dtype | None = None, selection_bias: Tensor | None = None,
-                num_groups: int = 1, topk_groups: int = 1, routed_scaling_factor: float = 1.0,
-                routing: str = "token_choice", capacity_factor: float | None = None,
-                expert_capacity: int | None = None, drop_policy: str = "position",
-                capacity_scope: str = "batch", gate_up_proj_bias: Tensor | None = None,
-                down_proj_bias: Tensor | None = None, shared_gate_proj: Tensor | None = None,
-                shared_up_proj: Tensor | None = None, shared_down_proj: Tensor | None = None,
-                shared_expert_gate: Tensor | None = None, weights_on_input: bool = False,
-                swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-                padding_mask: Tensor | None = None, return_stats: bool = False):
+def moe_forward(x: Tensor, params: Mapping[str, Tensor], config, *, padding_mask: Tensor | None = None,
+                return_stats: bool = False):
     """The whole MoELayer as a Hugging Face style eager loop: route, then per expert select its
     tokens, run the FFN, scale, add; plus the shared expert.
 
-    Takes the layer's tensors (router_weight = router.weight, router_bias = router.bias,
-    selection_bias = router.selection_bias, shared_* = shared_expert.*_proj.weight and
-    shared_expert_gate.weight) and its option values. Routing and capacity are written here
-    independently of route/dispatch: torch.topk over experts (token choice) or over tokens
-    (expert choice), and per (expert, token group) a plain list of the picks kept.
+    ``params`` holds the layer's tensors under its state-dict names (``router.weight``,
+    ``router.bias``, ``router.selection_bias``, ``gate_up_proj``, ``down_proj`` and their
+    ``_bias``, ``shared_expert.{gate,up,down}_proj.weight``, ``shared_expert_gate.weight``) and
+    ``config`` is its MoEConfig. Routing and capacity are written here independently of
+    route/dispatch: torch.topk over experts (token choice) or over tokens (expert choice), and
+    per (expert, token group) a plain list of the picks kept.
     With return_stats, also returns the layer's statistics as a dict.
     """
+    c = config
+    top_k, act, swiglu_alpha, swiglu_limit = c.top_k, c.activation, c.swiglu_alpha, c.swiglu_limit
+    router_weight, gate_up_proj, down_proj = params["router.weight"], params["gate_up_proj"], params["down_proj"]
+    router_bias = params["router.bias"] if c.router_bias else None
+    selection_bias = params["router.selection_bias"] if c.selection_bias else None
+    gate_up_proj_bias = params["gate_up_proj_bias"] if c.expert_bias else None
+    down_proj_bias = params["down_proj_bias"] if c.expert_bias else None
+    gated = act in ("swiglu", "clamped_swiglu")
+    shared_up_proj = params["shared_expert.up_proj.weight"] if c.shared_expert_d_ff else None
+    shared_down_proj = params["shared_expert.down_proj.weight"] if c.shared_expert_d_ff else None
+    shared_gate_proj = params["shared_expert.gate_proj.weight"] if c.shared_expert_d_ff and gated else None
+    shared_expert_gate = params["shared_expert_gate.weight"] if c.shared_expert_gate else None
+
     shape = x.shape
     d = shape[-1]
     x = x.reshape(-1, d)
@@ -224,12 +229,12 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
     acc = opmath_dtype(x.dtype)
 
     # Router logits (optionally in a wider dtype).
-    rd = router_dtype or x.dtype
+    rd = c.router_dtype or x.dtype
     logits = F.linear(x.to(rd), router_weight.to(rd), None if router_bias is None else router_bias.to(rd))
 
     # Token groups for the capacity: whole batch, or each sequence of an input [..., S, d].
     groups = 1
-    if capacity_scope == "sequence" and len(shape) >= 3:
+    if c.capacity_scope == "sequence" and len(shape) >= 3:
         for n in shape[:-2]:
             groups *= n
     per_group = T // groups if groups else 0
@@ -237,10 +242,10 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
 
     # picks[e] = list of (token, weight of the pick) that expert e processes.
     picks: list[tuple[Tensor, Tensor]] = []
-    if routing == "token_choice":
-        weights, ids = _oracle_route(logits, top_k, renormalize, scoring, selection_bias, num_groups,
-                                     topk_groups, routed_scaling_factor)
-        capacity = _oracle_capacity(per_group, top_k, E, capacity_factor, expert_capacity)
+    if c.routing == "token_choice":
+        weights, ids = _oracle_route(logits, top_k, c.renormalize, c.scoring, selection_bias, c.num_groups,
+                                     c.topk_groups, c.routed_scaling_factor)
+        capacity = _oracle_capacity(per_group, top_k, E, c.capacity_factor, c.expert_capacity)
         for e in range(E):
             tok, pick = torch.nonzero(ids == e, as_tuple=True)  # token order
             w = weights[tok, pick]
@@ -248,7 +253,7 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
                 kept = []
                 for g in range(groups):
                     in_group = torch.nonzero(group_of[tok] == g).squeeze(1)
-                    if drop_policy == "probability":
+                    if c.drop_policy == "probability":
                         # highest weight first, ties to the earlier token (stable sort)
                         in_group = in_group[torch.sort(-w[in_group].detach(), stable=True).indices]
                     kept.append(in_group[:capacity])
@@ -258,12 +263,12 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
         ids_for_loss = ids
     else:
         # Expert choice: each expert takes its top-C tokens of every group by score.
-        if scoring == "sigmoid":
+        if c.scoring == "sigmoid":
             s = torch.sigmoid(logits.to(acc))
         else:
             s = torch.softmax(logits.to(acc), dim=-1)
-        s = s * routed_scaling_factor
-        capacity = _oracle_capacity(per_group, top_k, E, capacity_factor or 1.0, expert_capacity)
+        s = s * c.routed_scaling_factor
+        capacity = _oracle_capacity(per_group, top_k, E, c.capacity_factor or 1.0, c.expert_capacity)
         for e in range(E):
             toks = []
             for g in range(groups):
@@ -283,15 +288,15 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
             continue
         w = w.to(acc)
         xe = x[tok]
-        if weights_on_input:
+        if c.weights_on_input:
             xe = (xe.to(acc) * w[:, None]).to(x.dtype)
         h = xe @ gate_up_proj[e].T
         if gate_up_proj_bias is not None:
             h = h + gate_up_proj_bias[e]
-        y = activation(h, act, swiglu_alpha, swiglu_limit) @ down_proj[e].T
+        y = apply_activation(h, act, swiglu_alpha, swiglu_limit) @ down_proj[e].T
         if down_proj_bias is not None:
             y = y + down_proj_bias[e]
-        y = y.to(acc) if weights_on_input else y.to(acc) * w[:, None]
+        y = y.to(acc) if c.weights_on_input else y.to(acc) * w[:, None]
         out = out.index_add(0, tok, y)
     out = out.to(x.dtype)
 
@@ -300,7 +305,7 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
         if shared_gate_proj is not None:
             a = gated_activation(x @ shared_gate_proj.to(x.dtype).T, up, act, swiglu_alpha, swiglu_limit)
         else:
-            a = activation(up, act)
+            a = apply_activation(up, act)
         shared = a @ shared_down_proj.to(x.dtype).T
         if shared_expert_gate is not None:
             shared = torch.sigmoid(x @ shared_expert_gate.to(x.dtype).T) * shared
@@ -310,8 +315,8 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
         return out
 
     tokens_per_expert = torch.tensor(kept_per_expert, dtype=torch.int64, device=x.device)
-    if routing == "token_choice":
-        aux = _oracle_aux_loss(logits, ids_for_loss, scoring, padding_mask)
+    if c.routing == "token_choice":
+        aux = _oracle_aux_loss(logits, ids_for_loss, c.scoring, padding_mask)
         dropped = 1 - tokens_per_expert.sum().item() / max(T * top_k, 1)
     else:
         aux = logits.new_zeros((), dtype=torch.float32)
@@ -321,7 +326,7 @@ def moe_forward(x: Tensor, router_weight: Tensor, gate_up_proj: Tensor, down_pro
         dropped = 1 - covered.float().mean().item() if T else 0.0
     stats = {"router_logits": logits, "aux_loss": aux, "z_loss": _oracle_z_loss(logits, padding_mask),
              "tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped,
-             "router_entropy": _oracle_entropy(logits, scoring, padding_mask)}
+             "router_entropy": _oracle_entropy(logits, c.scoring, padding_mask)}
     return out, stats
 
 

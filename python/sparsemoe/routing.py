@@ -78,21 +78,3 @@ class Router(nn.Module):
         return (f"d_model={self.weight.shape[1]}, num_experts={self.weight.shape[0]}, bias={self.bias is not None}, "
                 f"selection_bias={self.selection_bias is not None}, dtype_override={self.dtype_override}, "
                 f"jitter={self.jitter}")
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-
-
-def capacity_for(tokens_per_group: int, top_k: int, num_experts: int, capacity_factor: float | None,
-                 expert_capacity: int | None) -> int:
-    """Per-expert, per-group capacity: expert_capacity as given, else ceil(factor * tokens * k / E);
-    -1 (dropless) when neither is set."""
-    if expert_capacity is not None:
-        return expert_capacity
-    if capacity_factor is None:
-        return -1
-    return math.ceil(capacity_factor * tokens_per_group * top_k / num_experts)
-
-

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layer import moe_layers
+
 
 @dataclass
 class LayerRouting:
@@ -32,11 +34,9 @@ def routing_summary(model: nn.Module, idle_share: float = 0.1, dominant_share: f
     share 1/E, or when one expert takes more than ``dominant_share`` of all picks (only when
     E > 1 / dominant_share, so a 2-expert layer is not flagged for an even split).
     """
-    from .layer import MoELayer
-
     summaries = []
-    for name, module in model.named_modules():
-        if not isinstance(module, MoELayer) or module.tokens_per_expert is None:
+    for name, module in moe_layers(model):
+        if module.tokens_per_expert is None:
             continue
         counts = module.tokens_per_expert.detach().double().cpu()
         total = counts.sum().item()
