@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "checks.h"
@@ -17,11 +19,26 @@ struct DispatchDims {
   int64_t T, d, k, E, N;
 };
 
+// Rows of dispatch's buffer for T tokens of k picks: T * k dropless (capacity -1), else
+// min(T * k, E * token_groups * capacity). A product too large for int64 can only mean a capacity
+// that keeps every pick, so it saturates at T * k instead of wrapping around.
+inline int64_t dispatch_rows(int64_t T, int64_t k, int64_t E, int64_t capacity, int64_t token_groups) {
+  const int64_t picks = T * k;  // the numel of expert_ids: no overflow
+  int64_t slots_per_expert, rows;
+  if (capacity < 0 || __builtin_mul_overflow(E, token_groups, &slots_per_expert) ||
+      __builtin_mul_overflow(slots_per_expert, capacity, &rows)) {
+    return picks;
+  }
+  return std::min(picks, rows);
+}
+
 inline DispatchDims check_dispatch_args(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts,
                                         int64_t capacity, const std::optional<at::Tensor>& priority,
                                         int64_t token_groups) {
   check_tokens_and_ids(x, "x", "[T, d]", ids, "T, the tokens of x");
   TORCH_CHECK(num_experts >= 1, "num_experts: expected >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts <= std::numeric_limits<int32_t>::max(), "num_experts: expected at most 2**31 - 1, got ",
+              num_experts);
   TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "expert_ids: expected k = size(1) in [1, ",
               num_experts, "], got shape ", shape_str(ids));
   TORCH_CHECK(capacity >= -1, "capacity: expected -1 (dropless) or a capacity >= 0, got ", capacity);
@@ -34,9 +51,8 @@ inline DispatchDims check_dispatch_args(const at::Tensor& x, const at::Tensor& i
     TORCH_CHECK(priority->sizes() == ids.sizes(), "priority: expected shape ", shape_str(ids),
                 " (the shape of expert_ids), got ", shape_str(*priority));
   }
-  const int64_t k = ids.size(1), E = num_experts;
-  const int64_t N = capacity < 0 ? T * k : std::min(T * k, E * token_groups * capacity);
-  return {T, x.size(1), k, E, N};
+  const int64_t k = ids.size(1);
+  return {T, x.size(1), k, num_experts, dispatch_rows(T, k, num_experts, capacity, token_groups)};
 }
 
 }  // namespace sparsemoe

@@ -6,12 +6,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "cpu/index_checks.h"
 #include "dispatch_checks.h"
+#include "ranking.h"
 
 namespace sparsemoe {
 namespace {
@@ -57,13 +57,7 @@ void apply_capacity(int64_t T, int64_t k, int64_t E, int64_t capacity, int64_t g
   for (int64_t i = 0; i < n; ++i) pick_of_row[sl[i]] = i;
   std::vector<char> keep(n, 1);
   std::vector<int64_t> kept(E, 0);
-  const auto before = [prio](int64_t a, int64_t b) {
-    const double pa = prio[a], pb = prio[b];
-    const bool na = std::isnan(pa), nb = std::isnan(pb);
-    if (na != nb) return nb;
-    if (!na && pa != pb) return pa > pb;
-    return a < b;
-  };
+  const auto before = [prio](int64_t a, int64_t b) { return ranks_before(prio[a], a, prio[b], b); };
   at::parallel_for(0, E, 1, [&](int64_t eb, int64_t ee) {
     std::vector<int64_t> cand;
     for (int64_t e = eb; e < ee; ++e) {

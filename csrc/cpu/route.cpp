@@ -12,23 +12,19 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/index_checks.h"
+#include "ranking.h"
 #include "route_checks.h"
 #include "routing.h"
 
 namespace sparsemoe {
 namespace {
 
-// Expert i ranks before expert j: larger key first, NaN below everything, ties by index.
+// Expert i ranks before expert j by their keys (ranking.h).
 template <typename acc_t>
 struct RanksBefore {
   const acc_t* key;
-  bool operator()(int64_t i, int64_t j) const {
-    const acc_t a = key[i], b = key[j];
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na != nb) return nb;
-    if (!na && a != b) return a > b;
-    return i < j;
-  }
+  bool operator()(int64_t i, int64_t j) const { return ranks_before(key[i], i, key[j], j); }
 };
 
 // Per-thread scratch for one row.
@@ -120,8 +116,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor gw = grad_weights_in.to(acc_dtype).contiguous();
   const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  TORCH_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < E),
-              "expert_ids: expected ids in [0, ", E, ")");
+  check_expert_ids_values(ids, E);
   at::Tensor grad = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "route_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

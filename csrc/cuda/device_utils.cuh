@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "ranking.h"
+
 namespace sparsemoe {
 namespace cuda {
 
@@ -110,18 +112,8 @@ __device__ __forceinline__ bool is_nan(T x) {
 __device__ __forceinline__ float exp_op(float x) { return expf(x); }
 __device__ __forceinline__ double exp_op(double x) { return exp(x); }
 
-// The ranking rule of routing and capacity priority: a (at index ia) ranks before b (at ib) when
-// it is larger; NaN ranks after every number; ties go to the lower index.
-template <typename T, typename I>
-__device__ __forceinline__ bool ranks_before(T a, I ia, T b, I ib) {
-  const bool na = is_nan(a), nb = is_nan(b);
-  if (na != nb) return nb;
-  if (!na && a != b) return a > b;
-  return ia < ib;
-}
-
 // Reduces each lane's candidate (value, index; index < 0 = none) to the warp's best under
-// ranks_before. The order is total, so every lane ends with the same winner.
+// ranks_before (ranking.h). The order is total, so every lane ends with the same winner.
 template <typename T, typename I>
 __device__ __forceinline__ void warp_arg_best(T& value, I& index) {
 #pragma unroll

@@ -137,7 +137,7 @@ __global__ void keep_kernel(const int64_t* __restrict__ ids, const int64_t* __re
         } else {
           const double p = row_prio[r];
           int64_t better = 0;
-          for (int64_t q = start; q < stop && better < capacity; ++q) better += cuda::ranks_before(row_prio[q], q, p, r);
+          for (int64_t q = start; q < stop && better < capacity; ++q) better += ranks_before(row_prio[q], q, p, r);
           flag = better < capacity;
         }
       }

@@ -105,9 +105,9 @@ __device__ void mark_chosen_groups(const acc_t* key, acc_t* flag, const RoutePar
     int i1 = -1, i2 = -1;
     for (int e = g * per; e < (g + 1) * per; ++e) {
       const acc_t v = key[e];
-      if (i1 < 0 || cuda::ranks_before(v, e, v1, i1)) {
+      if (i1 < 0 || ranks_before(v, e, v1, i1)) {
         v2 = v1, i2 = i1, v1 = v, i1 = e;
-      } else if (i2 < 0 || cuda::ranks_before(v, e, v2, i2)) {
+      } else if (i2 < 0 || ranks_before(v, e, v2, i2)) {
         v2 = v, i2 = e;
       }
     }
@@ -125,7 +125,7 @@ __device__ void mark_chosen_groups(const acc_t* key, acc_t* flag, const RoutePar
     int bi = -1;
     for (int g = lane; g < p.num_groups; g += kWarpSize) {
       const acc_t v = flag[g];
-      if ((last_g < 0 || cuda::ranks_before(last_v, last_g, v, g)) && (bi < 0 || cuda::ranks_before(v, g, bv, bi))) {
+      if ((last_g < 0 || ranks_before(last_v, last_g, v, g)) && (bi < 0 || ranks_before(v, g, bv, bi))) {
         bv = v, bi = g;
       }
     }
@@ -134,7 +134,7 @@ __device__ void mark_chosen_groups(const acc_t* key, acc_t* flag, const RoutePar
   }
   // A group is chosen when it ranks no lower than the last winner.
   for (int g = lane; g < p.num_groups; g += kWarpSize) {
-    flag[g] = (g == last_g || cuda::ranks_before(flag[g], g, last_v, last_g)) ? acc_t(1) : acc_t(0);
+    flag[g] = (g == last_g || ranks_before(flag[g], g, last_v, last_g)) ? acc_t(1) : acc_t(0);
   }
   __syncwarp();
 }
@@ -180,7 +180,7 @@ __global__ void route_kernel(const scalar_t* __restrict__ logits, const acc_t* _
       for (int e = lane; e < p.E; e += kWarpSize) {
         if (p.num_groups > 1 && group_flag[e / per] == acc_t(0)) continue;
         const acc_t v = key[e];
-        if ((prev_e < 0 || cuda::ranks_before(prev_v, prev_e, v, e)) && (be < 0 || cuda::ranks_before(v, e, bv, be))) {
+        if ((prev_e < 0 || ranks_before(prev_v, prev_e, v, e)) && (be < 0 || ranks_before(v, e, bv, be))) {
           bv = v, be = e;
         }
       }

@@ -77,6 +77,10 @@ torch.library.register_autograd("sparsemoe::route", _route_backward, setup_conte
 def dispatch(x: Tensor, expert_ids: Tensor, num_experts: int, capacity: int = -1,
              priority: Tensor | None = None, token_groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Sort the (token, pick) rows by expert, within capacity -> (x_sorted, expert_offsets, slot)."""
+    if isinstance(capacity, int) and capacity > expert_ids.shape[0]:
+        # An expert never holds more picks than there are tokens: a larger capacity (up to any
+        # Python int) keeps the same picks and the same buffer.
+        capacity = expert_ids.shape[0]
     return _ops.dispatch(x, expert_ids, num_experts, capacity, priority, token_groups)
 
 
