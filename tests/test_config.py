@@ -163,3 +163,11 @@ def test_presets_match_the_readme_table(row):
                 field = next(f for f in dataclasses.fields(MoEConfig) if f.name == key)
                 assert getattr(config, key) != field.default, key
         MoELayer.from_config(config)  # and it builds
+
+
+def test_readme_config_example_runs():
+    text = README.read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "MoEConfig.deepseek_v3(" in b)
+    scope: dict = {}
+    exec("import dataclasses, torch, sparsemoe\n" + block, scope)
+    assert scope["layer"].config == scope["cfg"] and scope["layer"].gate_up_proj.dtype == torch.bfloat16
