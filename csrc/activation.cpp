@@ -2,12 +2,18 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace sparsemoe {
 
 ActivationSpec parse_activation(const std::string& name, double alpha, double limit) {
-  TORCH_CHECK(limit > 0, "swiglu_limit: expected a positive clamp limit, got ", limit);
   if (name == "swiglu") return {Activation::SwiGLU, alpha, limit};
-  if (name == "clamped_swiglu") return {Activation::ClampedSwiGLU, alpha, limit};
+  if (name == "clamped_swiglu") {
+    // Only the clamped activation reads the limit (and the alpha).
+    TORCH_CHECK(limit > 0, "swiglu_limit: expected a positive clamp limit, got ", limit);
+    TORCH_CHECK(std::isfinite(alpha), "swiglu_alpha: expected a finite number, got ", alpha);
+    return {Activation::ClampedSwiGLU, alpha, limit};
+  }
   if (name == "silu") return {Activation::SiLU, alpha, limit};
   if (name == "gelu") return {Activation::GELU, alpha, limit};
   if (name == "gelu_tanh") return {Activation::GELUTanh, alpha, limit};

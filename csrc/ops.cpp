@@ -34,12 +34,15 @@ TORCH_LIBRARY(sparsemoe, m) {
   m.def("dispatch(Tensor x, Tensor expert_ids, int num_experts, int capacity=-1, Tensor? priority=None, "
         "int token_groups=1) -> (Tensor x_sorted, Tensor expert_offsets, Tensor slot)");
 
+  // combine, scatter_rows and slot_dot take slots [T,k] that are -1 (a dropped pick, adding
+  // nothing) or distinct rows of the buffer: each row belongs to at most one pick, so that every
+  // op and its backward writes each row once (repeated slots are an error, in both directions).
   // out[t] = sum_j weights[t,j] * rows[slot[t,j]], j in order 0..k-1, accumulated in opmath;
-  // slot -1 adds nothing; weights None means 1. rows [N,d], slot [T,k] -> [T,d].
+  // weights None means 1. rows [N,d], slot [T,k] -> [T,d].
   // Also the backward of dispatch (weights None) and of scatter_rows.
   m.def("combine(Tensor rows, Tensor slot, Tensor? weights) -> Tensor");
-  // out[slot[t,j]] = weights[t,j] * src[t]; rows no slot points at are 0. Slots must be
-  // distinct. src [T,d], slot [T,k] -> [num_rows,d]. The backward of combine w.r.t. rows.
+  // out[slot[t,j]] = weights[t,j] * src[t]; rows no slot points at are 0.
+  // src [T,d], slot [T,k] -> [num_rows,d]. The backward of combine w.r.t. rows.
   m.def("scatter_rows(Tensor src, Tensor slot, Tensor? weights, int num_rows) -> Tensor");
   // out[t,j] = <a[t], b[slot[t,j]]> in opmath (0 where slot is -1). a [T,d], b [N,d] ->
   // [T,k]. The backward of combine and scatter_rows w.r.t. their weights.

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -41,6 +42,7 @@ inline RouteOptions check_route_args(const at::Tensor& logits, int64_t k, c10::s
     check_same_device(logits, "logits", *bias, "selection_bias");
     check_size(*bias, "selection_bias", 0, E, "E, the experts of logits");
   }
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
   return {k, parse_scoring(std::string(scoring)), renormalize, num_groups, topk_groups, scale};
 }
 

@@ -93,33 +93,3 @@ def test_non_contiguous():
     torch.testing.assert_close(ops.combine(wide, slot, weights), reference.combine(wide.contiguous(), slot, weights))
     slot_t = slot.t().contiguous().t()
     torch.testing.assert_close(ops.combine(rows, slot_t, weights), reference.combine(rows, slot, weights))
-
-
-def test_bad_inputs():
-    rows, slot, weights = routed(4, 3, 4, 2)
-    with pytest.raises(RuntimeError, match=r"slot: expected values in \[-1, 8\)"):
-        ops.combine(rows, slot + 1, weights)
-    with pytest.raises(RuntimeError, match=r"slot: expected values in \[-1, 8\)"):
-        ops.combine(rows, slot - 2, weights)
-    with pytest.raises(RuntimeError, match="slot: expected an int64 index tensor"):
-        ops.combine(rows, slot.int(), weights)
-    with pytest.raises(RuntimeError, match=r"weights: expected shape \[4, 2\]"):
-        ops.combine(rows, slot, weights[:, :1])
-    with pytest.raises(RuntimeError, match="weights: expected dtype Float"):
-        ops.combine(rows, slot, weights.double())
-    with pytest.raises(RuntimeError, match="weights: expected dtype Double"):
-        ops.combine(rows.double(), slot, weights)
-    with pytest.raises(RuntimeError, match=r"rows: expected a 2-D tensor \[N, d\]"):
-        ops.combine(rows[0], slot, weights)
-    with pytest.raises(RuntimeError, match="weights: expected a tensor on cpu"):
-        ops.combine(rows, slot, weights.to("meta"))
-    with pytest.raises(RuntimeError, match="slot: expected distinct rows"):
-        ops.scatter_rows(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long), None, 8)
-    with pytest.raises(RuntimeError, match=r"slot: expected size 5 at dim 0 \(T, the tokens of src\)"):
-        ops.scatter_rows(torch.randn(5, 3), slot, None, 8)
-    with pytest.raises(RuntimeError, match="num_rows: expected >= 0"):
-        ops.scatter_rows(torch.randn(4, 3), slot, None, -1)
-    with pytest.raises(RuntimeError, match="b: expected dtype Float"):
-        ops.slot_dot(torch.randn(4, 3), rows.double(), slot)
-    with pytest.raises(RuntimeError, match="b: expected size 5 at dim 1"):
-        ops.slot_dot(torch.randn(4, 5), rows, slot)

@@ -128,6 +128,10 @@ def test_bad_expert_ffn_backward_arguments_on_cuda():
 # never read or write out of bounds. The assert poisons the CUDA context, so each case runs in
 # a fresh interpreter.
 DEVICE_ASSERT_CASES = {
+    "combine_repeated_slot": "ops.combine(torch.randn(8, 3, device=dev), torch.tensor([[0, 1], [2, 1], [4, 5], "
+                             "[6, 7]], device=dev))",
+    "slot_dot_repeated_slot": "ops.slot_dot(torch.randn(4, 3, device=dev), torch.randn(8, 3, device=dev), "
+                              "torch.tensor([[0, 1], [2, 3], [4, 3], [6, 7]], device=dev))",
     "dispatch_id_past_E": "ops.dispatch(torch.randn(4, 8, device=dev), torch.tensor([[0, 1], [2, 4], [0, 3], [1, 2]], "
                           "device=dev), 4)",
     "dispatch_negative_id": "ops.dispatch(torch.randn(4, 8, device=dev), torch.tensor([[0, 1], [-1, 2], [0, 3], "

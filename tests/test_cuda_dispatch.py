@@ -116,3 +116,13 @@ def test_dispatch_non_contiguous_inputs():
     got = host(ops.dispatch(dev(x)[:, ::2], dev(ids).t().contiguous().t(), 6, 3, dev(priority).t(), 2))
     want = reference.dispatch(x[:, ::2].contiguous(), ids, 6, 3, priority.t().contiguous(), 2)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("capacity", [2**61 + 1, 2**62, 2**63 - 1])
+def test_dispatch_huge_capacity_is_dropless(capacity):
+    # E * token_groups * capacity overflows int64: the buffer must still hold every pick.
+    x, ids = torch.randn(6, 1024), random_ids(6, 8, 2)
+    for got in (host(torch.ops.sparsemoe.dispatch(dev(x), dev(ids), 8, capacity, None, 1)),
+                host(torch.ops.sparsemoe.dispatch(dev(x), dev(ids), 8, capacity, dev(torch.rand(6, 2)), 2))):
+        assert got[0].shape == (12, 1024)
+        assert all(torch.equal(g, w) for g, w in zip(got, reference.dispatch(x, ids, 8)))

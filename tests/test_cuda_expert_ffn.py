@@ -241,3 +241,36 @@ def test_misaligned_storage_gives_the_aligned_results(dtype):
     else:
         lowp_tolerance(got, host(reference.expert_ffn(*(dev(t) for t in (x, off, w1, w2)), "swiglu", dev(b1),
                                                       dev(b2))), exact)
+
+
+EXTREMES = [-3e38, -1e38, -1e10, -100.0, -88.9, -20.0, -1.0, 0.0, 1.0, 20.0, 100.0, 1e38, 3e38, -math.inf, math.inf,
+            math.nan]
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_expert_ffn_at_extreme_pre_activations_matches_cpu(act):
+    # d = f = 1 and unit weights: every pre-activation is exactly the given value.
+    x = torch.tensor(EXTREMES).unsqueeze(1).requires_grad_()
+    width = 2 if act in ("swiglu", "clamped_swiglu") else 1
+    w1, w2, off = torch.ones(1, width, 1), torch.ones(1, 1, 1), torch.tensor([0, len(EXTREMES)])
+    cpu = ops.expert_ffn(x, off, w1, w2, act)
+    (cpu_grad,) = torch.autograd.grad(cpu, x, torch.ones_like(cpu))
+    xg = dev(x.detach()).requires_grad_()
+    gpu = ops.expert_ffn(xg, dev(off), dev(w1), dev(w2), act)
+    (gpu_grad,) = torch.autograd.grad(gpu, xg, torch.ones_like(gpu))
+    torch.testing.assert_close(gpu.cpu(), cpu, equal_nan=True)
+    torch.testing.assert_close(gpu_grad.cpu(), cpu_grad, equal_nan=True)
+
+
+def test_expert_ffn_zero_width_experts_on_cuda():
+    x = torch.randn(7, 4, requires_grad=True)
+    off, w1, w2 = torch.tensor([0, 3, 3, 7]), torch.randn(3, 0, 4), torch.randn(3, 4, 0)
+    b2 = torch.randn(3, 4, requires_grad=True)
+    cpu = ops.expert_ffn(x, off, w1, w2, "relu", None, b2)
+    cpu_grads = torch.autograd.grad(cpu.square().sum(), (x, b2))
+    xg, b2g = dev(x.detach()).requires_grad_(), dev(b2.detach()).requires_grad_()
+    gpu = ops.expert_ffn(xg, dev(off), dev(w1), dev(w2), "relu", None, b2g)
+    gpu_grads = torch.autograd.grad(gpu.square().sum(), (xg, b2g))
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    for g, c in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(g.cpu(), c)

@@ -98,31 +98,6 @@ def test_non_contiguous_inputs():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("ids,E,match", [
-    (torch.tensor([[0, 1], [1, 4]]), 4, r"expert_ids: expected ids in \[0, 4\), row 1 has 4"),
-    (torch.tensor([[0, 1], [-1, 2]]), 4, r"expert_ids: expected ids in \[0, 4\), row 1 has -1"),
-    (torch.tensor([[0, 1], [2, 2]]), 4, "expert_ids: row 1 picks expert 2 more than once"),
-    (torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), 4, "expert_ids: expected an int64 index tensor"),
-    (torch.tensor([[0, 1, 2]]), 4, "expert_ids: expected size 2 at dim 0"),
-    (torch.tensor([0, 1]), 4, r"expert_ids: expected a 2-D tensor \[T, k\]"),
-    (torch.tensor([[0, 1], [2, 3]]), 0, "num_experts: expected >= 1, got 0"),
-    (torch.tensor([[0, 1, 2], [0, 1, 2]]), 2, r"expert_ids: expected k = size\(1\) in \[1, 2\]"),
-])
-def test_bad_expert_ids(ids, E, match):
-    with pytest.raises(RuntimeError, match=match):
-        ops.dispatch(torch.randn(2, 3), ids, E)
-
-
-def test_bad_x():
-    ids = torch.tensor([[0], [1]])
-    with pytest.raises(RuntimeError, match=r"x: expected a 2-D tensor \[T, d\]"):
-        ops.dispatch(torch.randn(2), ids, 2)
-    with pytest.raises(RuntimeError, match="x: expected float32, float64, bfloat16 or float16"):
-        ops.dispatch(torch.ones(2, 3, dtype=torch.int64), ids, 2)
-    with pytest.raises(RuntimeError, match="expert_ids: expected a tensor on cpu"):
-        ops.dispatch(torch.randn(2, 3), ids.to("meta"), 2)
-
-
 @pytest.mark.slow
 def test_offsets_beyond_int32():
     # 2^31 + elements in x_sorted: row and byte offsets must be 64-bit.

@@ -13,10 +13,13 @@ namespace sparsemoe {
 namespace {
 
 // exp for float with a few ulp of error and no branches or calls, so the loops vectorise (the
-// libm call would not). Inputs are clamped to the range whose result is a normal float; the
-// sigmoid it feeds saturates long before that range ends. NaN stays NaN.
+// libm call would not). The polynomial runs on the argument clamped to [-87, 88], where 2^n is a
+// normal float; past log(FLT_MAX) the result is +inf, as exp's, so that sigmoid(-x) is 0 and
+// silu(x) is x * 0 for large negative x (and NaN at -inf, as torch gives). Below -87 the result
+// stays exp(-87), which no sum 1 + e can tell from 0. NaN stays NaN.
 SPARSEMOE_INLINE float exp_approx(float x) {
   const bool nan = x != x;
+  const bool overflow = x > 88.72283935546875f;  // log(FLT_MAX)
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   x = nan ? 0.0f : x;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -29,7 +32,8 @@ SPARSEMOE_INLINE float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const float scale = bits_as<float>(static_cast<int32_t>((static_cast<int32_t>(n) + 127) << 23));
-  return nan ? std::numeric_limits<float>::quiet_NaN() : p * scale;
+  const float e = overflow ? std::numeric_limits<float>::infinity() : p * scale;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : e;
 }
 SPARSEMOE_INLINE double exp_approx(double x) { return std::exp(x); }
 
@@ -58,7 +62,8 @@ struct Math {
     a = silu * u;
   }
   // GPT-OSS: gate clamped above at limit, up to [-limit, limit]; clamps pass the gradient inside
-  // the closed range, as torch.clamp; the masks multiply, so NaN still propagates.
+  // the closed range and give exactly 0 outside it (a select, as torch.clamp's backward: an
+  // overflowed or NaN gradient outside the range is dropped, not multiplied by 0 into NaN).
   // a = (up + 1) * (gate * sigmoid(gate * alpha))
   SPARSEMOE_INLINE A clamped(A g, A u) const {
     const A gc = g < limit ? g : (g != g ? g : limit);
@@ -72,9 +77,12 @@ struct Math {
     const A s = rnd(sigmoid(ga_alpha));
     const A glu = rnd(gc * s);
     const A up1 = rnd(uc + A(1));
-    gu = rnd(ga * glu) * A(std::abs(u) <= limit);
-    const A dglu = rnd(s * rnd(A(1) + rnd(ga_alpha * rnd(A(1) - s))));
-    gg = rnd(rnd(ga * up1) * dglu) * A(g <= limit);
+    gu = std::abs(u) <= limit ? rnd(ga * glu) : A(0);
+    // d glu / d gate = s * (1 + alpha*gate*(1 - s)): exactly 0 once the sigmoid has underflowed
+    // for a finite gate, where alpha*gate may be -inf and the product would be 0 * inf.
+    const bool underflow = s == A(0) && gc > -std::numeric_limits<A>::infinity();
+    const A dglu = underflow ? A(0) : rnd(s * rnd(A(1) + rnd(ga_alpha * rnd(A(1) - s))));
+    gg = g <= limit ? rnd(rnd(ga * up1) * dglu) : A(0);
     a = up1 * glu;
   }
   SPARSEMOE_INLINE A silu(A h) const { return h * sigmoid(h); }
@@ -98,7 +106,11 @@ struct Math {
   SPARSEMOE_INLINE A gelu_tanh_grad(A ga, A h, A& a) const {
     const A t = std::tanh(A(kBeta) * (h + A(kKappa) * h * h * h));
     a = A(0.5) * h * (A(1) + t);
-    const A right = A(0.5) * h * (A(1) - t * t) * A(kBeta) * (A(1) + A(3 * kKappa) * h * h);
+    // Where tanh has saturated, sech^2 is exactly 0 and so is this term, though h^2 may be inf
+    // for a finite h (the product would be 0 * inf); at h = +-inf it stays NaN, as exact math gives.
+    const A sech2 = A(1) - t * t;
+    const bool saturated = sech2 == A(0) && std::abs(h) < std::numeric_limits<A>::infinity();
+    const A right = saturated ? A(0) : A(0.5) * h * sech2 * A(kBeta) * (A(1) + A(3 * kKappa) * h * h);
     return ga * (A(0.5) * (A(1) + t) + right);
   }
   SPARSEMOE_INLINE A relu(A h) const { return h != h ? h : (h > A(0) ? h : A(0)); }

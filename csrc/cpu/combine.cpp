@@ -57,18 +57,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
   check_scatter_rows_args(src_in, slot_in, weights_in, num_rows);
   const at::Tensor src = src_in.contiguous();
   const at::Tensor slot = slot_in.contiguous();
-  check_slot_values(slot, num_rows);
-  // Two picks writing one row would race: reject it instead of returning a thread-dependent sum.
-  {
-    std::vector<char> used(num_rows, 0);
-    const int64_t* sl = slot.data_ptr<int64_t>();
-    for (int64_t i = 0; i < slot.numel(); ++i) {
-      if (sl[i] < 0) continue;
-      TORCH_CHECK(!used[sl[i]], "slot: expected distinct rows (each buffer row belongs to one pick), row ",
-                  sl[i], " appears twice");
-      used[sl[i]] = 1;
-    }
-  }
+  check_slot_values(slot, num_rows);  // distinct rows: two picks writing one row would race
   const int64_t T = slot.size(0), k = slot.size(1), d = src.size(1);
   at::Tensor out = at::zeros({num_rows, d}, src.options());
   const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();

@@ -135,6 +135,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     }
   }
 
+  if (s.f == 0) {
+    // No hidden columns: no block exists, the input gets no gradient and y was b2 alone.
+    grad_x.zero_();
+    for (int64_t e = 0; e < s.E && bias_grads; ++e) {
+      if (o[e + 1] > o[e]) sum_rows_into(grad_b2[e], gy.narrow(0, o[e], o[e + 1] - o[e]));
+    }
+    return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn_backward", [&] {
     // One pass, by blocks of activation columns, doing everything a block's columns take part
     // in while they are in cache: grad_a = grad_y @ w2 for the block, the activation's backward

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -45,12 +46,27 @@ inline void check_expert_ids_values(const at::Tensor& ids, int64_t E) {
   }
 }
 
-// Slots [T,k] must be -1 (dropped) or a row in [0, num_rows).
+// Slots [T,k] must be -1 (dropped) or a row in [0, num_rows), and no row may appear twice: each
+// buffer row belongs to at most one pick, which is what lets the backward of combine and slot_dot
+// (scatter_rows) write each row once, with no race and no sum.
 inline void check_slot_values(const at::Tensor& slot, int64_t num_rows) {
   if (slot.numel() == 0) return;
-  const int64_t lo = slot.min().item<int64_t>(), hi = slot.max().item<int64_t>();
+  const int64_t n = slot.numel();
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  int64_t lo = sl[0], hi = sl[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, sl[i]);
+    hi = std::max(hi, sl[i]);
+  }
   TORCH_CHECK(lo >= -1 && hi < num_rows, "slot: expected values in [-1, ", num_rows,
               ") (-1 marks a dropped pick), got values in [", lo, ", ", hi, "]");
+  std::vector<char> used(num_rows, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (sl[i] < 0) continue;
+    TORCH_CHECK(!used[sl[i]], "slot: expected distinct rows (each buffer row belongs to one pick), row ", sl[i],
+                " appears twice");
+    used[sl[i]] = 1;
+  }
 }
 
 // Offsets [E+1] must start at 0, never decrease and end at most at num_rows (rows past the

@@ -97,7 +97,11 @@ __device__ __forceinline__ T gelu_tanh_grad(T g, T x) {
   const T left = T(0.5) * x;
   const T right = T(1) + t;
   const T inner_grad = beta * (T(1) + T(3) * kappa * x_sq);
-  return g * (T(0.5) * right + left * (T(1) - t * t) * inner_grad);
+  // Where tanh has saturated for a finite x, sech^2 is exactly 0 and so is the second term,
+  // though x^2 may have overflowed (0 * inf); at x = +-inf it stays NaN, as the exact math gives.
+  const T sech2 = T(1) - t * t;
+  const T second = sech2 == T(0) && isfinite(x) ? T(0) : left * sech2 * inner_grad;
+  return g * (T(0.5) * right + second);
 }
 
 // torch.relu keeps NaN; threshold_backward(grad, x, 0) passes the gradient only where x > 0.
@@ -140,8 +144,9 @@ __device__ __forceinline__ T gated_forward(const ActParams<T>& p, T gate, T up) 
   return (u + T(1)) * (g * sigmoid_of(g * p.alpha));
 }
 
-// The clamps pass the gradient where the input lies inside the closed range; the mask
-// multiplies, as in activation.cpp, so both devices treat non-finite gradients alike.
+// The clamps pass the gradient where the input lies inside the closed range and give exactly 0
+// outside it (a select, as torch.clamp's backward and the CPU kernels: a non-finite gradient
+// outside the range is dropped, not multiplied by 0 into NaN).
 template <typename T>
 __device__ __forceinline__ void gated_backward(const ActParams<T>& p, T grad, T gate, T up, T& grad_gate,
                                                T& grad_up, T& out) {
@@ -156,10 +161,11 @@ __device__ __forceinline__ void gated_backward(const ActParams<T>& p, T grad, T 
   const T u = clamp_both(up, -p.limit, p.limit);
   const T sig = sigmoid_of(g * p.alpha);
   const T glu = g * sig;
-  const T up_mask = fabs(up) <= p.limit ? T(1) : T(0);
-  const T gate_mask = gate <= p.limit ? T(1) : T(0);
-  grad_up = grad * glu * up_mask;
-  grad_gate = grad * (u + T(1)) * (sig * (T(1) + g * p.alpha * (T(1) - sig))) * gate_mask;
+  grad_up = fabs(up) <= p.limit ? grad * glu : T(0);
+  // d glu / d gate, exactly 0 once the sigmoid has underflowed for a finite gate (alpha * g may
+  // be -inf there, and the product 0 * inf).
+  const T dglu = sig == T(0) && isfinite(g) ? T(0) : sig * (T(1) + g * p.alpha * (T(1) - sig));
+  grad_gate = gate <= p.limit ? grad * (u + T(1)) * dglu : T(0);
   out = (u + T(1)) * glu;
 }
 

@@ -132,6 +132,23 @@ __global__ void slot_dot_kernel(const scalar_t* __restrict__ a, const scalar_t* 
   }
 }
 
+// owner[row] = the pick whose slot is row, -1 for rows no pick holds. Slots are distinct rows by
+// the ops' contract (ops.cpp): a repeated one trips the device assert of the second kernel, so
+// no op of the three (nor its backward) ever sees two picks on one row.
+at::Tensor row_owners(const at::Tensor& slot, int64_t num_rows, const cuda::OpContext& ctx) {
+  const int64_t picks = slot.numel();
+  at::Tensor owner = at::full({num_rows}, -1, slot.options());
+  if (picks > 0) {
+    claim_rows_kernel<<<cuda::grid_for(picks, kThreads), kThreads, 0, ctx.stream>>>(
+        slot.data_ptr<int64_t>(), picks, num_rows, owner.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_distinct_slots_kernel<<<cuda::grid_for(picks, kThreads), kThreads, 0, ctx.stream>>>(
+        slot.data_ptr<int64_t>(), picks, num_rows, owner.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return owner;
+}
+
 at::Tensor combine_cuda(const at::Tensor& rows_in, const at::Tensor& slot_in,
                         const std::optional<at::Tensor>& weights_in) {
   check_combine_args(rows_in, slot_in, weights_in);
@@ -140,6 +157,7 @@ at::Tensor combine_cuda(const at::Tensor& rows_in, const at::Tensor& slot_in,
   const at::Tensor slot = slot_in.contiguous();
   const int64_t T = slot.size(0), k = slot.size(1), d = rows.size(1);
   at::Tensor out = at::empty({T, d}, rows.options());
+  row_owners(slot, rows.size(0), ctx);  // checks that the slots are distinct
   if (T == 0 || d == 0) return out;
   const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "combine_cuda", [&] {
@@ -165,15 +183,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& slot_in
   const at::Tensor slot = slot_in.contiguous();
   const int64_t picks = slot.numel(), k = slot.size(1), d = src.size(1);
   at::Tensor out = at::empty({num_rows, d}, src.options());
-  at::Tensor owner = at::full({num_rows}, -1, slot.options());
-  if (picks > 0) {
-    claim_rows_kernel<<<cuda::grid_for(picks, kThreads), kThreads, 0, ctx.stream>>>(
-        slot.data_ptr<int64_t>(), picks, num_rows, owner.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    check_distinct_slots_kernel<<<cuda::grid_for(picks, kThreads), kThreads, 0, ctx.stream>>>(
-        slot.data_ptr<int64_t>(), picks, num_rows, owner.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const at::Tensor owner = row_owners(slot, num_rows, ctx);
   if (num_rows == 0 || d == 0) return out;
   const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scatter_rows_cuda", [&] {
@@ -200,6 +210,7 @@ at::Tensor slot_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const a
   const int64_t picks = slot.numel(), k = slot.size(1), d = a.size(1);
   at::Tensor out = at::empty({slot.size(0), k}, a.options().dtype(opmath_dtype(a.scalar_type())));
   if (picks == 0) return out;
+  row_owners(slot, b.size(0), ctx);  // checks that the slots are distinct
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "slot_dot_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = cuda::vec_width<scalar_t>(d, {a.data_ptr(), b.data_ptr()});

@@ -96,17 +96,23 @@ class MoELayer(nn.Module):
         cfg = self.config
         if x.dim() == 0 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"x: expected shape [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
             raise ValueError(f"padding_mask: expected shape {tuple(x.shape[:-1])} (x without its last dim), "
                              f"got {tuple(padding_mask.shape)}")
+        device_type = x.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        if not autocast and x.dtype != self.gate_up_proj.dtype:
+            raise ValueError(f"x: expected dtype {self.gate_up_proj.dtype} (the dtype of the layer's parameters; "
+                             f"or run under torch.autocast), got {x.dtype}")
         shape = x.shape
         tokens = x.reshape(-1, cfg.d_model)
         # The router reads the input as given: under autocast its linear is autocast like any
         # nn.Linear, unless router_dtype asks for a wider dtype.
         logits = self.router(tokens)
         w1, w2, b1, b2 = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
-        device_type = tokens.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        if autocast:
             # Custom ops are not autocast by torch: run the experts in the autocast dtype the
             # way nn.Linear would; routing math stays in float32 inside route.
             compute = torch.get_autocast_dtype(device_type)
@@ -176,7 +182,7 @@ class MoELayer(nn.Module):
         probs = router_probs(logits, self.config.scoring)  # once, for the aux loss and the entropy
         if self.config.routing == "token_choice":
             stats["aux_loss"] = balance_loss_from_probs(probs, ids, padding_mask)
-            stats["dropped_fraction"] = 1 - offsets[-1].to(torch.float32) / max(slot.numel(), 1)
+            stats["dropped_fraction"] = (slot.numel() - offsets[-1].to(torch.float32)) / max(slot.numel(), 1)
         else:  # balanced by construction; a token no expert picked is the dropped one
             stats["aux_loss"] = logits.new_zeros((), dtype=torch.float32)
             stats["dropped_fraction"] = (1 - (slot >= 0).any(1).float().mean() if slot.shape[0]

@@ -71,6 +71,19 @@ def _route_backward(ctx, grad_weights, grad_ids):
 torch.library.register_autograd("sparsemoe::route", _route_backward, setup_context=_route_setup)
 
 
+def _no_double_backward(op: str):
+    """The autograd of a backward op that has no derivative of its own: differentiating through
+    it (a gradient of a gradient) raises instead of giving a silent zero."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"sparsemoe.{op}: double backward (a gradient of its gradient, as a gradient penalty "
+                           f"takes) is not supported by sparsemoe.{op}; dispatch, combine, scatter_rows and "
+                           f"slot_dot support it")
+    return backward
+
+
+torch.library.register_autograd("sparsemoe::route_backward", _no_double_backward("route"))
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 
@@ -156,6 +169,7 @@ def _expert_ffn_backward(ctx, grad_y, grad_hidden):
 
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,
                                 setup_context=_expert_ffn_setup)
+torch.library.register_autograd("sparsemoe::expert_ffn_backward", _no_double_backward("expert_ffn"))
 
 
 # --- combine -----------------------------------------------------------------------------------

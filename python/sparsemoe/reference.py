@@ -165,9 +165,11 @@ def combine(rows: Tensor, slot: Tensor, weights: Tensor | None = None) -> Tensor
     acc = opmath_dtype(rows.dtype)
     if rows.shape[0] == 0:  # every pick dropped (capacity 0): nothing to gather
         return rows.new_zeros(slot.shape[0], rows.shape[1])
-    picked = rows[slot.clamp(min=0)].to(acc) * (slot >= 0).unsqueeze(-1)
+    picked = rows[slot.clamp(min=0)].to(acc)
     if weights is not None:
         picked = picked * weights.unsqueeze(-1)
+    # A dropped pick adds nothing, whatever its row holds (NaN and inf included).
+    picked = torch.where((slot >= 0).unsqueeze(-1), picked, torch.zeros((), dtype=acc, device=rows.device))
     return picked.sum(1).to(rows.dtype)
 
 
@@ -186,7 +188,7 @@ def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
     if b.shape[0] == 0:
         return a.new_zeros(slot.shape, dtype=acc)
     dots = (a.to(acc).unsqueeze(1) * b[slot.clamp(min=0)].to(acc)).sum(-1)
-    return dots * (slot >= 0)
+    return torch.where(slot >= 0, dots, torch.zeros((), dtype=acc, device=a.device))
 
 
 def load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -317,7 +319,7 @@ def moe_forward(x: Tensor, params: Mapping[str, Tensor], config, *, padding_mask
     tokens_per_expert = torch.tensor(kept_per_expert, dtype=torch.int64, device=x.device)
     if c.routing == "token_choice":
         aux = _oracle_aux_loss(logits, ids_for_loss, c.scoring, padding_mask)
-        dropped = 1 - tokens_per_expert.sum().item() / max(T * top_k, 1)
+        dropped = (T * top_k - tokens_per_expert.sum().item()) / max(T * top_k, 1)
     else:
         aux = logits.new_zeros((), dtype=torch.float32)
         covered = torch.zeros(T, dtype=torch.bool, device=x.device)

@@ -37,5 +37,5 @@ class SharedExpert(nn.Module):
             else:  # clamped_swiglu (GPT-OSS)
                 gate = gate.clamp(max=self.swiglu_limit)
                 up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
-                a = (up + 1) * gate * torch.sigmoid(self.swiglu_alpha * gate)
+                a = (up + 1) * (gate * torch.sigmoid(self.swiglu_alpha * gate))  # GPT-OSS's order
         return F.linear(a, self.down_proj.weight.to(x.dtype))
