@@ -7,12 +7,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <optional>
 
 #include "checks.h"
 
 namespace sparsemoe {
+
+constexpr int64_t kMaxExperts = int64_t(1) << 24;
 
 // N is the row count of x_sorted: T * k dropless, else at most capacity rows per expert and group.
 struct DispatchDims {
@@ -37,7 +38,9 @@ inline DispatchDims check_dispatch_args(const at::Tensor& x, const at::Tensor& i
                                         int64_t token_groups) {
   check_tokens_and_ids(x, "x", "[T, d]", ids, "T, the tokens of x");
   TORCH_CHECK(num_experts >= 1, "num_experts: expected >= 1, got ", num_experts);
-  TORCH_CHECK(num_experts <= std::numeric_limits<int32_t>::max(), "num_experts: expected at most 2**31 - 1, got ",
+  // offsets hold E + 1 entries and the kernels' counters E or more: a bound far above any model
+  // keeps a stray huge value from becoming a multi-gigabyte allocation.
+  TORCH_CHECK(num_experts <= kMaxExperts, "num_experts: expected at most 2**24 = ", kMaxExperts, ", got ",
               num_experts);
   TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "expert_ids: expected k = size(1) in [1, ",
               num_experts, "], got shape ", shape_str(ids));

@@ -66,6 +66,11 @@ TORCH_LIBRARY(sparsemoe, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "sparsemoe compiled kernels; importing this module registers torch.ops.sparsemoe";
   module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
+#if defined(SPARSEMOE_SANITIZED)
+  module.attr("sanitized") = pybind11::bool_(true);
+#else
+  module.attr("sanitized") = pybind11::bool_(false);
+#endif
   module.def("parallel_info", [] { return at::get_parallel_info(); },
              "ATen's report of the thread pools and the OpenMP runtime in this process");
 }

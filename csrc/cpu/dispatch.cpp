@@ -19,9 +19,12 @@ namespace {
 // The dropless layout: offsets [E+1] and each pick's row in expert-major, token order.
 // Pass 1 counts per chunk of tokens; pass 2 starts each chunk at the expert's offset plus the
 // counts of earlier chunks, so the result does not depend on the number of threads.
+// The chunks' histograms hold chunks * E counters; fewer, longer chunks keep them within
+// kHistogramBudget whatever E is (the chunking never depends on the threads).
 void stable_sort_by_expert(const int64_t* id, int64_t T, int64_t k, int64_t E, int64_t* off, int64_t* sl) {
-  const int64_t grain = 2048;
-  const int64_t chunks = std::max<int64_t>(1, (T + grain - 1) / grain);
+  constexpr int64_t kHistogramBudget = int64_t(1) << 22;
+  const int64_t chunks = std::clamp<int64_t>((T + 2047) / 2048, 1, std::max<int64_t>(1, kHistogramBudget / E));
+  const int64_t grain = std::max<int64_t>(1, (T + chunks - 1) / chunks);
   std::vector<int64_t> next(chunks * E, 0);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
@@ -122,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_
   const int64_t row_bytes = s.d * x.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(x_sorted.data_ptr());
-  at::parallel_for(0, s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.d)), [&](int64_t b, int64_t e) {
+  // Zero-width rows (the planning call of weights_on_input) have no data pointer to copy from.
+  if (row_bytes > 0) at::parallel_for(0, s.T, std::max<int64_t>(1, 16384 / s.d), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       for (int64_t j = 0; j < s.k; ++j) {
         const int64_t row = sl[t * s.k + j];

@@ -386,7 +386,7 @@ def _oracle_aux_loss(logits: Tensor, ids: Tensor, scoring: str, padding_mask: Te
     """E * sum_e f_e * P_e over the real tokens: f_e = share of their picks, P_e = mean prob."""
     E, k = logits.shape[1], ids.shape[1]
     m = _oracle_mask(logits, padding_mask)
-    n = m.sum()
+    n = m.sum().clamp_min(1)  # no real token: the losses are 0
     chosen = F.one_hot(ids, E).to(m.dtype).sum(1)  # [T, E]
     f = (chosen * m[:, None]).sum(0) / (n * k)
     p = (_oracle_probs(logits, scoring) * m[:, None]).sum(0) / n
@@ -396,11 +396,11 @@ def _oracle_aux_loss(logits: Tensor, ids: Tensor, scoring: str, padding_mask: Te
 def _oracle_z_loss(logits: Tensor, padding_mask: Tensor | None) -> Tensor:
     m = _oracle_mask(logits, padding_mask)
     lse = torch.logsumexp(logits.to(m.dtype), dim=-1)
-    return (lse ** 2 * m).sum() / m.sum()
+    return (lse ** 2 * m).sum() / m.sum().clamp_min(1)
 
 
 def _oracle_entropy(logits: Tensor, scoring: str, padding_mask: Tensor | None) -> Tensor:
     m = _oracle_mask(logits, padding_mask)
     p = _oracle_probs(logits.detach(), scoring)
     h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-    return (h * m).sum() / m.sum()
+    return (h * m).sum() / m.sum().clamp_min(1)
