@@ -17,7 +17,7 @@ from torch import nn
 
 from sparsemoe import MoEConfig, MoELayer, load_moe, save_moe
 from sparsemoe.checkpoint import ALIAS_KEY, META_KEY
-from sparsemoe.config import _CHOICES
+from sparsemoe.config import _CHOICES, OPTION_NAMES
 from helpers import D, FF
 
 # Two starting points, so that every field has a valid other value from one of them (expert
@@ -67,7 +67,7 @@ def assert_refused(model: nn.Module, path, pattern: str):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(MoEConfig)])
+@pytest.mark.parametrize("name", OPTION_NAMES)
 def test_load_refuses_a_checkpoint_that_differs_in_any_option(name, tmp_path):
     saved, other = variant(name)
     path = tmp_path / "m.safetensors"
@@ -130,5 +130,6 @@ def test_broken_metadata_is_a_clear_error(meta, pattern, tmp_path):
 def test_types_of_the_fields_are_covered():
     # other_values knows every annotation the dataclass uses (a new kind of field fails here first).
     for field in dataclasses.fields(MoEConfig):
-        assert other_values(field, getattr(BASES[0], field.name)), field.name
+        if field.name in OPTION_NAMES:
+            assert other_values(field, getattr(BASES[0], field.name)), field.name
     assert typing.get_type_hints(MoEConfig)  # the annotations resolve

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,24 @@ def test_demo_json(tiny_demo):
     assert "routing" not in dense
 
 
+def test_demo_expert_parallel_equals_the_single_process_run(tiny_demo, tmp_path):
+    _, single = tiny_demo
+    out = tmp_path / "ep"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "sparsemoe", "demo", *TINY, "--out", str(out), "--expert-parallel", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "experts sharded over 2 processes (2 per rank)" in proc.stdout
+    assert "blocks.0.ffn   rank 0:" in proc.stdout and "blocks.0.ffn   rank 1:" in proc.stdout
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (single, out))
+    for kind in ("moe", "dense"):
+        for x, y in zip(a[kind]["train_curve"], b[kind]["train_curve"]):
+            assert y == pytest.approx(x, rel=1e-5)
+        assert b[kind]["parameters"] == a[kind]["parameters"]
+    per_rank = b["moe"]["routing"][0]["tokens_per_expert_by_rank"]
+    assert len(per_rank) == 2 and [sum(c) for c in zip(*per_rank)] == b["moe"]["routing"][0]["tokens_per_expert"]
+
+
 def test_demo_plot(tiny_demo):
     _, out = tiny_demo
     import matplotlib  # noqa: F401  (a test dependency: the README's test command installs it)
@@ -121,6 +140,10 @@ BAD = {
     "steps not a number": (["--steps", "many"], "--steps"),
     "heads do not divide": (["--heads", "3"], "does not divide"),
     "corpus too short": (None, "too short"),
+    "experts not divisible": (["--experts", "3", "--top-k", "1", "--expert-parallel", "2"],
+                              "--experts 3 is not divisible by the 2 expert-parallel processes"),
+    "batch not divisible": (["--batch-size", "7", "--expert-parallel", "2"],
+                            "--batch-size 7 is not divisible by the 2 expert-parallel processes"),
 }
 
 

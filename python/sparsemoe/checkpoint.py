@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from . import distributed
 from .config import MoEConfig
 from .layer import moe_layers
 
@@ -18,11 +19,18 @@ ALIAS_KEY = "sparsemoe.aliases"      # {state-dict key: the key whose tensor it 
 
 def save_moe(model: nn.Module, path) -> None:
     """Save ``model.state_dict()`` to a safetensors file, with each MoELayer's configuration in
-    the metadata. Tensors sharing storage (tied embeddings) are stored once."""
+    the metadata. Tensors sharing storage (tied embeddings) are stored once.
+
+    With expert parallelism every rank of the group must call it: the expert shards are gathered
+    and rank 0 writes the single-process layout (all experts), which loads at any world size."""
     from safetensors.torch import save_file
 
+    state = distributed.full_state_dict(model)
+    if not distributed.is_writer(model):
+        distributed.barrier(model)
+        return
     tensors, aliases, seen = {}, {}, {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
             if t.numel() else None
         if ident is not None and ident in seen:
@@ -33,6 +41,7 @@ def save_moe(model: nn.Module, path) -> None:
         tensors[key] = t.detach().contiguous()
     configs = {name: m.config.to_dict() for name, m in moe_layers(model)}
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(configs), ALIAS_KEY: json.dumps(aliases)})
+    distributed.barrier(model)  # the file is complete before any rank goes on (and may read it)
 
 
 def _json_metadata(meta: Mapping[str, str], key: str, source: str) -> dict:
@@ -61,17 +70,20 @@ def _config_difference(saved: dict, model: nn.Module) -> str | None:
     return None
 
 
-def _state_difference(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> str | None:
-    """The first tensor that is missing, extra, or of another shape or dtype, if any."""
+def _state_difference(expected: Mapping[str, tuple], got: Mapping[str, Tensor], sharded: set[str]) -> str | None:
+    """The first tensor that is missing, extra, or of another shape or dtype, if any. `expected`
+    holds (shape, dtype) in the single-process layout; `sharded` names the expert shards."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     if missing or unexpected:
         return (f"does not match the model: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                 f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    for k, e in expected.items():
+    for k, (shape, dtype) in expected.items():
         g = got[k]
-        if tuple(g.shape) != tuple(e.shape) or g.dtype != e.dtype:
-            return (f"tensor {k!r}: expected shape {tuple(e.shape)} dtype {e.dtype}, "
+        if tuple(g.shape) != tuple(shape) or g.dtype != dtype:
+            note = (" (a checkpoint holds every expert; this rank shards them over an expert-parallel group)"
+                    if k in sharded else "")
+            return (f"tensor {k!r}: expected shape {tuple(shape)} dtype {dtype}{note}, "
                     f"got shape {tuple(g.shape)} dtype {g.dtype}")
     return None
 
@@ -80,7 +92,8 @@ def load_moe(model: nn.Module, path) -> None:
     """Load a :func:`save_moe` checkpoint into ``model`` (converted with the same ``moeify``
     settings). Any MoE layer option that differs (every :class:`MoEConfig` field), any missing or
     extra tensor and any shape or dtype difference raises ``ValueError`` naming it; nothing is
-    loaded then."""
+    loaded then. With expert parallelism each rank reads the whole file (the single-process
+    layout, from any world size) and keeps its own experts."""
     from safetensors import safe_open
 
     source = f"checkpoint {path}"
@@ -95,7 +108,8 @@ def load_moe(model: nn.Module, path) -> None:
         state[alias] = state[key]
     # Both differences, the options first: an option that changes tensor shapes (num_experts,
     # expert_bias, ...) is the cause a user looks for.
-    problems = [p for p in (config_diff, _state_difference(model.state_dict(), state)) if p]
+    sharded = {n for n, _ in distributed.expert_parameters(model)}
+    problems = [p for p in (config_diff, _state_difference(distributed.full_shapes(model), state, sharded)) if p]
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(distributed.local_state_dict(model, state), strict=True)

@@ -9,6 +9,7 @@ checked here, before the demo job starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -79,6 +80,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="held-out evaluation interval in steps (default: steps/20)")
     p.add_argument("--eval-batches", type=_positive_int, default=_DEFAULTS.eval_batches, help="batches per evaluation")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    p.add_argument("--expert-parallel", type=_positive_int, default=None, metavar="N",
+                   help="shard the experts over N processes that this command starts (gloo on the CPU, NCCL on "
+                        "GPUs); under torchrun the processes are torchrun's")
 
 
 def load_corpus(path: str | None, seq_len: int) -> tuple[bytes, str]:
@@ -130,14 +134,59 @@ def run_demo(args) -> int:
         raise CLIError(f"--heads {args.heads} does not divide --d-model {args.d_model}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out: {args.out} exists and is not a folder")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.expert_parallel and torchrun > 1:
+        raise CLIError("--expert-parallel: under torchrun the processes are torchrun's (--nproc-per-node)")
+    world = args.expert_parallel or torchrun
+    if args.experts % world:
+        raise CLIError(f"--experts {args.experts} is not divisible by the {world} expert-parallel processes")
+    if args.batch_size % world:
+        raise CLIError(f"--batch-size {args.batch_size} is not divisible by the {world} expert-parallel processes "
+                       f"(each takes an equal part of every batch)")
     device = check_device(args.device)
+    if device.type == "cuda" and world > max(1, torch.cuda.device_count()):
+        raise CLIError(f"--expert-parallel {world}: one GPU per process, and this machine has "
+                       f"{torch.cuda.device_count()}")
     data, source = load_corpus(args.corpus, args.seq_len)
     settings = demo.DemoSettings(
         steps=args.steps, experts=args.experts, top_k=args.top_k, batch_size=args.batch_size, seq_len=args.seq_len,
         d_model=args.d_model, layers=args.layers, heads=args.heads, expert_d_ff=args.expert_d_ff, lr=args.lr,
         aux_coef=args.aux_coef, eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
-        device=str(device), dtype=args.dtype, out=args.out, progress=not args.no_progress)
-    return demo.run(settings, data, source)
+        device=str(device), dtype=args.dtype, out=args.out, progress=not args.no_progress, expert_parallel=world)
+    if torchrun > 1:
+        return _run_rank(int(os.environ["RANK"]), world, "env://", settings, data, source)
+    if world == 1:
+        return demo.run(settings, data, source)
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The processes meet through a file: nothing listens on a network port.
+        mp.spawn(_run_rank, args=(world, f"file://{tmp}/store", settings, data, source), nprocs=world)
+    return 0
+
+
+def _run_rank(rank: int, world: int, init_method: str, settings, data: bytes, source: str) -> int:
+    """One process of an expert-parallel demo."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if init_method.startswith("file://"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the processes talk over loopback only
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        settings = dataclasses.replace(settings, device=f"cuda:{torch.cuda.current_device()}")
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world, timeout=datetime.timedelta(minutes=5))
+    try:
+        return demo.run(settings, data, source)
+    finally:
+        dist.destroy_process_group()
 
 
 def cpu_flags() -> set[str]:

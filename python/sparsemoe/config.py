@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -26,6 +26,9 @@ SCORINGS: tuple[str, ...] = get_args(Scoring)
 _CHOICES = {"activation": ACTIVATIONS, "scoring": SCORINGS, "routing": get_args(Routing),
             "drop_policy": get_args(DropPolicy), "capacity_scope": get_args(CapacityScope)}
 _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+RUNTIME = {"runtime": True}  # dataclass field metadata: a setting of the run, not of the model
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -83,6 +86,12 @@ class MoEConfig:
     shared_expert_d_ff: int = 0
     shared_expert_gate: bool = False            # out += sigmoid(x . g) * shared(x) (Qwen2-MoE)
 
+    # --- expert parallelism (sparsemoe.distributed). How the layer runs, not what it computes:
+    # these two are not serialised (to_dict, checkpoints) nor compared, so a checkpoint moves
+    # between world sizes and the configs of all ranks compare equal.
+    expert_parallel_group: Any = field(default=None, compare=False, metadata=RUNTIME)  # ProcessGroup / 1-D DeviceMesh
+    pad_to_capacity: bool = field(default=False, compare=False, metadata=RUNTIME)  # fixed [E, C] buffers
+
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts"):
             value = getattr(self, name)
@@ -129,6 +138,21 @@ class MoEConfig:
                 or (self.shared_expert_gate and not self.shared_expert_d_ff)):
             raise ValueError(f"shared_expert_d_ff: expected an int >= 0 (and > 0 with shared_expert_gate), "
                              f"got {self.shared_expert_d_ff!r}")
+        if not isinstance(self.pad_to_capacity, bool):
+            raise ValueError(f"pad_to_capacity: expected True or False, got {self.pad_to_capacity!r}")
+        if self.pad_to_capacity and self.expert_capacity is None and self.capacity_factor is None:
+            raise ValueError("pad_to_capacity: needs a capacity (expert_capacity or capacity_factor) to pad to")
+        if self.expert_parallel_group is not None:
+            world = group_size(self.expert_parallel_group)
+            if E % world:
+                raise ValueError(f"expert_parallel_group: num_experts={E} is not divisible by the group's {world} "
+                                 f"ranks (each rank holds num_experts / world experts)")
+            if world > 1 and self.routing == "expert_choice":
+                raise ValueError("routing: expert_choice needs the whole batch on every expert, so it does not "
+                                 "combine with expert_parallel_group")
+
+    def __deepcopy__(self, memo):
+        return self  # immutable; a copy of a layer shares its process group
 
     # --- derived values
 
@@ -160,8 +184,9 @@ class MoEConfig:
     # --- serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as JSON-ready values (dtypes as names such as ``"float32"``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every option of the model as JSON-ready values (dtypes as names such as ``"float32"``);
+        the runtime settings (expert parallelism) are left out."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in OPTION_NAMES}
         if out["router_dtype"] is not None:
             out["router_dtype"] = str(out["router_dtype"]).removeprefix("torch.")
         return out
@@ -179,6 +204,9 @@ class MoEConfig:
             if dtype not in _DTYPES:
                 raise ValueError(f"router_dtype: expected None or one of {tuple(_DTYPES)}, got {dtype!r}")
             data["router_dtype"] = _DTYPES[dtype]
+        if set(data) & set(RUNTIME_NAMES):
+            raise ValueError(f"config: {sorted(set(data) & set(RUNTIME_NAMES))} are settings of a run, not "
+                             f"stored options; pass them to MoELayer or dataclasses.replace")
         missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
             raise ValueError(f"config: missing required option(s) {missing}")
@@ -257,11 +285,26 @@ class MoEConfig:
                    drop_policy="position", **options)
 
 
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MoEConfig))
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MoEConfig) if not f.metadata.get("runtime"))
+RUNTIME_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MoEConfig) if f.metadata.get("runtime"))
+
+
+def group_size(group) -> int:
+    """The world size of a ProcessGroup or of a 1-D DeviceMesh; ValueError for anything else."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"expert_parallel_group: expected a 1-D DeviceMesh, got {group.ndim} dimensions")
+        return group.size()
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise ValueError(f"expert_parallel_group: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
+                         f"got {type(group).__name__}")
+    return group.size()
 
 
 def check_option_names(options, where: str) -> None:
     """Refuse option names MoEConfig does not have, naming them and listing the known ones."""
-    unknown = sorted(set(options) - set(OPTION_NAMES))
+    unknown = sorted(set(options) - set(OPTION_NAMES) - set(RUNTIME_NAMES))
     if unknown:
         raise ValueError(f"{where}: unknown MoEConfig option(s) {unknown}; known options: {list(OPTION_NAMES)}")

@@ -387,6 +387,9 @@ def moeify(model: nn.Module, num_experts: int, top_k: int, *, init: str = "upcyc
     for key in _FIXED_OPTIONS:
         if key in moe_options:
             raise ValueError(f"{key}: set from the dense block (or its weights), not an option of moeify")
+    if moe_options.get("expert_parallel_group") is not None:
+        raise ValueError("expert_parallel_group: moeify builds whole layers (the upcycled copies of the dense "
+                         "FFN); shard them afterwards with sparsemoe.distributed.shard_experts_(model, group)")
     if seed is not None and not isinstance(seed, int):
         raise ValueError(f"seed: expected an int or None, got {seed!r}")
 

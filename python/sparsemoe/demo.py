@@ -70,6 +70,7 @@ class DemoSettings:
     dtype: str = "float32"          # "bfloat16" runs under autocast, weights stay float32
     out: str = "sparsemoe-demo"
     progress: bool = True
+    expert_parallel: int = 1        # processes the experts are sharded over (each takes batch / n)
 
 
 def default_corpus() -> tuple[bytes, str]:
@@ -140,14 +141,62 @@ class ByteLM(nn.Module):
         return [m for _, m in moe_layers(self)]
 
 
-def count_params(model: ByteLM, top_k: int | None = None) -> tuple[int, int]:
-    """(total, active per token): for MoE layers only top_k of the experts count as active."""
+def count_params(model: ByteLM) -> tuple[int, int]:
+    """(total, active per token): for MoE layers only top_k of the experts count as active.
+    Expert-parallel layers hold a share of their experts: the others count too."""
     total = sum(p.numel() for p in model.parameters())
     active = total
     for moe in model.moe_layers():
-        expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.num_experts
-        active -= (moe.num_experts - moe.top_k) * expert
+        expert = moe.gate_up_proj[0].numel() + moe.down_proj[0].numel()
+        total += (moe.num_experts - moe.gate_up_proj.shape[0]) * expert
+        active += (moe.num_experts - moe.gate_up_proj.shape[0]) * expert - (moe.num_experts - moe.top_k) * expert
     return total, active
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+class Ranks:
+    """This process's share of an expert-parallel run (one rank of the default process group),
+    or the whole run in one process. Each rank trains on its slice of every global batch."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.group = dist.group.WORLD if self.world > 1 else None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch."""
+        n = t.shape[0] // self.world
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, value: float) -> float:
+        """The mean over the ranks of a per-rank value (a loss over equal batches)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return t.item() / self.world
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            self.dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.world == 1:
+            return [t]
+        every = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(every, t.contiguous())
+        return every
 
 
 # ----------------------------------------------------------------------------- training
@@ -159,9 +208,15 @@ def _batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generat
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dtype) -> dict:
-    """Train ``model``; return its curves, final losses and speed (and routing for MoE)."""
+def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dtype, ranks: Ranks) -> dict:
+    """Train ``model``; return its curves, final losses and speed (and routing for MoE). With
+    several ranks the MoE layers' experts are sharded over them and every rank trains on its
+    slice of each batch; the losses are those of the whole batch."""
+    from . import distributed as ep
+
     model.to(device)
+    if ranks.world > 1 and model.moe_layers():
+        ep.shard_experts_(model, ranks.group)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -174,28 +229,35 @@ def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dty
     def evaluate(batches) -> float:
         model.eval()
         with torch.no_grad(), torch.autocast(**autocast):
-            losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item() for x, y in batches]
+            losses = [F.cross_entropy(model(ranks.part(x).to(device)).float().flatten(0, 1),
+                                      ranks.part(y).to(device).flatten()).item() for x, y in batches]
         model.train()
-        return sum(losses) / len(losses)
+        return ranks.mean(sum(losses) / len(losses))
 
     train_curve, eval_curve, load_history = [], [], []
     eval_curve.append((0, evaluate(eval_sets["held_out"])))
-    progress = tqdm(total=args.steps, desc=f"{kind:>5}", unit="step", disable=not args.progress, file=sys.stderr,
-                    dynamic_ncols=True)
+    progress = tqdm(total=args.steps, desc=f"{kind:>5}", unit="step", disable=not args.progress or not ranks.main,
+                    file=sys.stderr, dynamic_ncols=True)
     train_time = 0.0
     for step in range(1, args.steps + 1):
-        x, y = _batch(train_data, args.batch_size, args.seq_len, gen)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = (ranks.part(t).to(device, non_blocking=True) for t in _batch(train_data, args.batch_size,
+                                                                            args.seq_len, gen))
         t0 = time.perf_counter()
         with torch.autocast(**autocast):
             logits = model(x)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss = ce + args.aux_coef * sum(m.aux_loss for m in moes) if moes else ce
+        if moes and ranks.world > 1:
+            # The aux loss of the whole batch, so that every rank optimises the single-process loss.
+            loss = ce + ep.moe_aux_loss(model, aux_coef=args.aux_coef, z_coef=0.0)
+        else:
+            loss = ce + args.aux_coef * sum(m.aux_loss for m in moes) if moes else ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ranks.world > 1:
+            ep.sync_gradients_(model, group=ranks.group)
         opt.step()
         sched.step()
-        ce_value = ce.item()  # syncs, so the step time below is real on an accelerator too
+        ce_value = ranks.mean(ce.item())  # syncs, so the step time below is real on an accelerator too
         train_time += time.perf_counter() - t0
         if not math.isfinite(ce_value):
             progress.close()
@@ -203,7 +265,7 @@ def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dty
                                      f"(try a lower learning rate)")
         train_curve.append(ce_value)
         if moes:
-            counts = moes[0].tokens_per_expert.detach().double().cpu()
+            counts = ranks.sum(moes[0].tokens_per_expert.detach()).double().cpu()
             load_history.append((counts / counts.sum().clamp_min(1)).tolist())
         if step % eval_every == 0 or step == args.steps:
             eval_curve.append((step, evaluate(eval_sets["held_out"])))
@@ -226,18 +288,31 @@ def train_one(kind: str, model: ByteLM, args, train_data, eval_sets, device, dty
         # The final expert load, measured on one forward over all held-out batches.
         model.eval()
         with torch.no_grad(), torch.autocast(**autocast):
-            model(torch.cat([x for x, _ in eval_sets["held_out"]]).to(device))
+            model(ranks.part(torch.cat([x for x, _ in eval_sets["held_out"]])).to(device))
         model.train()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            summary = routing_summary(model)
-        result["routing"] = [
-            {"layer": s.name, "load": s.load, "router_entropy": s.router_entropy,
-             "max_entropy": math.log(len(s.load)), "aux_loss": s.aux_loss, "z_loss": s.z_loss,
-             "dropped_fraction": s.dropped_fraction, "tokens_per_expert": m.tokens_per_expert.tolist()}
-            for s, m in zip(summary, moes)]
-        result["routing_warnings"] = [str(w.message) for w in caught]
-        result["load_history_layer"] = summary[0].name if summary else None
+        if ranks.world == 1:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                summary = routing_summary(model)
+            result["routing"] = [
+                {"layer": s.name, "load": s.load, "router_entropy": s.router_entropy,
+                 "max_entropy": math.log(len(s.load)), "aux_loss": s.aux_loss, "z_loss": s.z_loss,
+                 "dropped_fraction": s.dropped_fraction, "tokens_per_expert": m.tokens_per_expert.tolist()}
+                for s, m in zip(summary, moes)]
+            result["routing_warnings"] = [str(w.message) for w in caught]
+        else:
+            result["routing"], result["routing_warnings"] = [], []
+            for name, m in zip((n for n, _ in moe_layers(model)), moes):
+                stats = ep.global_statistics(m)
+                counts = stats["tokens_per_expert"].double()
+                per_rank = [t.tolist() for t in ranks.gather(m.tokens_per_expert)]
+                result["routing"].append({
+                    "layer": name, "load": (counts / counts.sum().clamp_min(1)).tolist(),
+                    "router_entropy": stats["router_entropy"].item(), "max_entropy": math.log(len(counts)),
+                    "aux_loss": stats["aux_loss"].item(), "z_loss": stats["z_loss"].item(),
+                    "dropped_fraction": stats["dropped_fraction"].item(),
+                    "tokens_per_expert": stats["tokens_per_expert"].tolist(), "tokens_per_expert_by_rank": per_rank})
+        result["load_history_layer"] = result["routing"][0]["layer"] if result["routing"] else None
         result["load_history"] = load_history
     return result
 
@@ -295,6 +370,12 @@ def run(args: DemoSettings, data: bytes, source: str) -> int:
     ``source``), print the comparison and write the plot and the summary into ``args.out``."""
     from . import __version__
 
+    ranks = Ranks()
+    if ranks.world != args.expert_parallel:
+        raise ValueError(f"expert_parallel: expected the {args.expert_parallel} processes of the settings, "
+                         f"the process group has {ranks.world}")
+    # Only the first rank speaks and writes; every rank trains.
+    say = print if ranks.main else (lambda *a, **k: None)
     if len(data) < min_corpus_bytes(args.seq_len):
         raise ValueError(f"corpus {source}: {len(data)} bytes is too short for seq_len {args.seq_len} "
                          f"(need at least {min_corpus_bytes(args.seq_len)} bytes)")
@@ -308,10 +389,10 @@ def run(args: DemoSettings, data: bytes, source: str) -> int:
     eval_sets = {name: [_batch(d, args.batch_size, args.seq_len, eval_gen) for _ in range(args.eval_batches)]
                  for name, d in (("train", train_data), ("held_out", held_data))}
 
-    print(f"sparsemoe {__version__} demo: byte-level LM, {args.layers} layers, d_model {args.d_model}, "
+    say(f"sparsemoe {__version__} demo: byte-level LM, {args.layers} layers, d_model {args.d_model}, "
           f"{args.heads} heads, context {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
           f"{device} {args.dtype}")
-    print(f"corpus: {source}, {len(data):,} bytes ({len(train_bytes):,} train / {len(held_bytes):,} held out)")
+    say(f"corpus: {source}, {len(data):,} bytes ({len(train_bytes):,} train / {len(held_bytes):,} held out)")
 
     results = {}
     dense_d_ff = args.top_k * args.expert_d_ff
@@ -322,25 +403,33 @@ def run(args: DemoSettings, data: bytes, source: str) -> int:
     for kind in ("moe", "dense"):
         torch.manual_seed(args.seed)
         model = ByteLM(args.d_model, args.layers, args.heads, args.seq_len, builders[kind])
-        results[kind] = train_one(kind, model, args, train_data, eval_sets, device, dtype)
+        results[kind] = train_one(kind, model, args, train_data, eval_sets, device, dtype, ranks)
 
     moe, dense = results["moe"], results["dense"]
-    print()
-    print(f"{'model':<34} {'params':>9} {'active':>9} {'train loss':>10} {'held-out':>9} {'tokens/s':>9}")
+    say()
+    say(f"{'model':<34} {'params':>9} {'active':>9} {'train loss':>10} {'held-out':>9} {'tokens/s':>9}")
     for label, r in ((f"MoE ({args.experts} experts, top-{args.top_k}, d_ff {args.expert_d_ff})", moe),
                      (f"dense (d_ff {dense_d_ff})", dense)):
-        print(f"{label:<34} {r['parameters']:>9,} {r['active_parameters']:>9,} {r['train_loss']:>10.4f} "
+        say(f"{label:<34} {r['parameters']:>9,} {r['active_parameters']:>9,} {r['train_loss']:>10.4f} "
               f"{r['held_out_loss']:>9.4f} {r['tokens_per_s']:>9,.0f}")
-    print(f"(losses in nats per byte; a uniform guess is ln 256 = {math.log(256):.3f}; held-out started at "
+    say(f"(losses in nats per byte; a uniform guess is ln 256 = {math.log(256):.3f}; held-out started at "
           f"{moe['initial_held_out_loss']:.3f} / {dense['initial_held_out_loss']:.3f})")
-    print("MoE expert load on the held-out batches (share of routed picks per expert; "
+    say("MoE expert load on the held-out batches (share of routed picks per expert; "
           f"uniform = {1 / args.experts:.3f}):")
     for r in moe["routing"]:
         load = " ".join(f"{v:.3f}" for v in r["load"])
-        print(f"  {r['layer']:<14} {load}   entropy {r['router_entropy']:.2f}/{r['max_entropy']:.2f} nats, "
+        say(f"  {r['layer']:<14} {load}   entropy {r['router_entropy']:.2f}/{r['max_entropy']:.2f} nats, "
               f"aux {r['aux_loss']:.3f}")
     for w in moe["routing_warnings"]:
-        print(f"  warning: {w}")
+        say(f"  warning: {w}")
+    if ranks.world > 1:
+        say(f"experts sharded over {ranks.world} processes ({args.experts // ranks.world} per rank); picks each "
+            f"rank's tokens sent to each expert on the held-out batches:")
+        for r in moe["routing"]:
+            for rank, counts in enumerate(r["tokens_per_expert_by_rank"]):
+                say(f"  {r['layer']:<14} rank {rank}: {' '.join(f'{c:>5}' for c in counts)}")
+    if not ranks.main:
+        return 0
 
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "demo.png")
@@ -355,8 +444,8 @@ def run(args: DemoSettings, data: bytes, source: str) -> int:
     with open(js, "w") as f:
         json.dump(summary, f, indent=1)
     if note:
-        print(note)
+        say(note)
     else:
-        print(f"plot: {png}")
-    print(f"summary: {js}")
+        say(f"plot: {png}")
+    say(f"summary: {js}")
     return 0

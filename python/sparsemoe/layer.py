@@ -9,7 +9,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from .config import MoEConfig, check_option_names
 from .losses import balance_loss_from_probs, router_probs, z_loss
 from .routing import Router
@@ -45,14 +45,19 @@ class MoELayer(nn.Module):
         cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k, activation=activation,
                         renormalize=renormalize, **options)
         self.config = cfg
+        # With expert parallelism this rank holds experts [first, first + E / W) of the group's E.
+        self._ep = distributed.ExpertShard.of(cfg)
+        if self._ep is not None:
+            self._ep.check_same_layer_on_every_rank(cfg)
         factory = {"device": device, "dtype": dtype}
         E, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        E_here = E if self._ep is None else self._ep.num_local
         width = 2 * f if cfg.gated else f
         self.router = Router(d, E, cfg.router_bias, cfg.selection_bias, cfg.router_dtype, cfg.router_jitter, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(E, width, d, **factory))
-        self.down_proj = nn.Parameter(torch.empty(E, d, f, **factory))
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, width, **factory)) if cfg.expert_bias else None
-        self.down_proj_bias = nn.Parameter(torch.empty(E, d, **factory)) if cfg.expert_bias else None
+        self.gate_up_proj = nn.Parameter(torch.empty(E_here, width, d, **factory))
+        self.down_proj = nn.Parameter(torch.empty(E_here, d, f, **factory))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E_here, width, **factory)) if cfg.expert_bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(E_here, d, **factory)) if cfg.expert_bias else None
         self.shared_expert = (SharedExpert(d, cfg.shared_expert_d_ff, cfg.activation, cfg.swiglu_alpha,
                                            cfg.swiglu_limit, **factory) if cfg.shared_expert_d_ff else None)
         self.shared_expert_gate = nn.Linear(d, 1, bias=False, **factory) if cfg.shared_expert_gate else None
@@ -69,18 +74,28 @@ class MoELayer(nn.Module):
         return cls(**{f.name: getattr(config, f.name) for f in fields(config)}, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
-        """Each expert is initialised like a pair of nn.Linear layers (uniform, +-1/sqrt(fan_in))."""
+        """Each expert is initialised like a pair of nn.Linear layers (uniform, +-1/sqrt(fan_in)).
+        With expert parallelism every rank draws all experts' values and keeps its own, so that
+        the same seed gives the same experts at any world size."""
         self.router.reset_parameters()
         for w, b, fan_in in ((self.gate_up_proj, self.gate_up_proj_bias, self.config.d_model),
                              (self.down_proj, self.down_proj_bias, self.config.d_ff)):
-            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-            if b is not None:
-                nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            for t in (w, b):
+                if t is not None:
+                    self._init_experts(t, 1 / math.sqrt(fan_in))
         for module in (self.shared_expert, self.shared_expert_gate):
             if module is not None:
                 for child in module.modules():
                     if isinstance(child, nn.Linear):
                         child.reset_parameters()
+
+    @torch.no_grad()
+    def _init_experts(self, t: Tensor, bound: float) -> None:
+        if self._ep is None:
+            nn.init.uniform_(t, -bound, bound)
+        else:
+            full = t.new_empty((self.config.num_experts, *t.shape[1:])).uniform_(-bound, bound)
+            t.copy_(self._ep.local_slice(full))
 
     def _token_groups(self, shape: torch.Size) -> int:
         # capacity_scope="sequence": every sequence of an input [..., S, d] has its own capacity.
@@ -136,29 +151,48 @@ class MoELayer(nn.Module):
         weights = weights.to(ops.opmath_dtype(tokens.dtype))
         experts = dict(activation=cfg.activation, b1=b1, b2=b2, swiglu_alpha=cfg.swiglu_alpha,
                        swiglu_limit=cfg.swiglu_limit)
-        if cfg.weights_on_input:
-            # Llama-4: the router weight scales each expert's input and outputs add up unweighted.
-            # Dispatch only plans (a zero-width x copies nothing); scatter_rows writes the rows.
+        ep, pad = self._ep, self._ep is not None and cfg.pad_to_capacity
+        # The rows the experts read: dispatch's copy of the tokens, or (Llama-4's weights on the
+        # input, and the fixed buffers of pad_to_capacity) a plan whose rows scatter_rows writes.
+        # dispatch with a zero-width x plans without copying anything.
+        in_weights = weights if cfg.weights_on_input else None
+        if cfg.weights_on_input or pad:
             plan, offsets, slot = ops.dispatch(tokens[:, :0], ids, E, capacity=capacity, priority=priority,
                                                token_groups=groups)
-            x_in = ops.scatter_rows(tokens, slot, weights, plan.shape[0])
-            y = ops.expert_ffn(x_in, offsets, w1, w2, **experts)
-            out = ops.combine(y, slot)
+            rows = plan.shape[0]
+            if pad:
+                per_expert = capacity * groups
+                slot, rows = distributed.padded_slots(ids, slot, offsets, per_expert), E * per_expert
+            send = ops.scatter_rows(tokens, slot, in_weights, rows)
         else:
-            x_sorted, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
-                                                   token_groups=groups)
-            y = ops.expert_ffn(x_sorted, offsets, w1, w2, **experts)
-            out = ops.combine(y, slot, weights)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens).to(shared.dtype)) * shared
+            send, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
+                                               token_groups=groups)
+        if ep is None:
+            y = ops.expert_ffn(send, offsets, w1, w2, **experts)
+            shared = self._shared_expert_output(tokens)
+        elif pad:
+            shared = self._shared_expert_output(tokens)
+            y = distributed.run_experts_padded(ep, send, per_expert, w1, w2, experts)
+        else:
+            exchange = distributed.start_count_exchange(ep, offsets)
+            shared = self._shared_expert_output(tokens)  # while the counts are in flight
+            y = distributed.run_experts(ep, send, offsets, exchange, w1, w2, experts)
+        out = ops.combine(y, slot, None if cfg.weights_on_input else weights)
+        if shared is not None:
             out = out + shared
 
         self.router_logits = logits
         self._routing = (logits, ids, offsets, slot, padding_mask)
         self._stats = None
         return out.reshape(shape)
+
+    def _shared_expert_output(self, tokens: Tensor) -> Tensor | None:
+        if self.shared_expert is None:
+            return None
+        shared = self.shared_expert(tokens)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(tokens).to(shared.dtype)) * shared
+        return shared
 
     # The statistics are computed from the last forward's routing when first read, so a forward
     # whose caller reads none of them (inference, decoding) does not pay for them: at one token
