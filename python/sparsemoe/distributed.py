@@ -298,8 +298,15 @@ def sync_gradients_(model: nn.Module, group=None, replicated: bool = True) -> No
     if not replicated:
         return
     params = [p for _, p in replicated_parameters(model) if p.requires_grad]
+    # Every rank must send the same sizes: a parameter with a gradient on some rank gets a zero
+    # one on the others; one no rank's loss reached keeps None (the optimizer skips it, as it
+    # would in a single process).
+    device = params[0].device if params else torch.device("cpu")
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(present, group=group)
+    params = [p for p, n in zip(params, present.tolist()) if n > 0]
     for p in params:
-        if p.grad is None:  # every rank must send the same sizes: a missing gradient is a zero one
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
     for dtype in sorted({p.grad.dtype for p in params}, key=str):
         grads = [p.grad for p in params if p.grad.dtype == dtype]
