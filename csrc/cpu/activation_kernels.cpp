@@ -3,6 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -50,6 +51,7 @@ template <typename A, typename Round>
 struct Math {
   A alpha, limit;
   Round rnd;
+  A lowest;  // the most negative finite value of the storage type
 
   // a = silu(g) * u
   SPARSEMOE_INLINE A swiglu(A g, A u) const { return rnd(g * sigmoid(g)) * u; }
@@ -77,12 +79,19 @@ struct Math {
     const A s = rnd(sigmoid(ga_alpha));
     const A glu = rnd(gc * s);
     const A up1 = rnd(uc + A(1));
-    gu = std::abs(u) <= limit ? rnd(ga * glu) : A(0);
-    // d glu / d gate = s * (1 + alpha*gate*(1 - s)): exactly 0 once the sigmoid has underflowed
-    // for a finite gate, where alpha*gate may be -inf and the product would be 0 * inf.
-    const bool underflow = s == A(0) && gc > -std::numeric_limits<A>::infinity();
-    const A dglu = underflow ? A(0) : rnd(s * rnd(A(1) + rnd(ga_alpha * rnd(A(1) - s))));
-    gg = g <= limit ? rnd(rnd(ga * up1) * dglu) : A(0);
+    // Every value is computed, then selected: a rounding (a store and a load) inside a
+    // conditional would keep GCC from vectorising the loop.
+    const A gu_inside = rnd(ga * glu);
+    gu = std::abs(u) <= limit ? gu_inside : A(0);
+    // d glu / d gate = s * (1 + alpha*gate*(1 - s)). For a finite gate alpha*gate can overflow
+    // to -inf where s is exactly 0 (0 * inf): bounding it at the storage type's lowest finite
+    // value keeps that product 0 (and its roundings finite). The factor gate - gate + 1 is
+    // exactly 1 for a finite gate and NaN for an infinite one, as exact math has it. (A select
+    // here would stop the loop vectorising.)
+    const A bounded = std::max(ga_alpha, lowest);
+    const A dglu = rnd(s * rnd(A(1) + rnd(bounded * rnd(A(1) - s)))) * (gc - gc + A(1));
+    const A gg_inside = rnd(rnd(ga * up1) * dglu);
+    gg = g <= limit ? gg_inside : A(0);
     a = up1 * glu;
   }
   SPARSEMOE_INLINE A silu(A h) const { return h * sigmoid(h); }
@@ -106,11 +115,12 @@ struct Math {
   SPARSEMOE_INLINE A gelu_tanh_grad(A ga, A h, A& a) const {
     const A t = std::tanh(A(kBeta) * (h + A(kKappa) * h * h * h));
     a = A(0.5) * h * (A(1) + t);
-    // Where tanh has saturated, sech^2 is exactly 0 and so is this term, though h^2 may be inf
-    // for a finite h (the product would be 0 * inf); at h = +-inf it stays NaN, as exact math gives.
+    // Where tanh has saturated, sech^2 is exactly 0 and so is this term; h^2 is bounded at the
+    // largest finite value so that a finite h never makes it 0 * inf (at h = +-inf it stays NaN,
+    // as exact math gives).
     const A sech2 = A(1) - t * t;
-    const bool saturated = sech2 == A(0) && std::abs(h) < std::numeric_limits<A>::infinity();
-    const A right = saturated ? A(0) : A(0.5) * h * sech2 * A(kBeta) * (A(1) + A(3 * kKappa) * h * h);
+    const A h2 = std::min(h * h, std::numeric_limits<A>::max());
+    const A right = A(0.5) * h * sech2 * A(kBeta) * (A(1) + A(3 * kKappa) * h2);
     return ga * (A(0.5) * (A(1) + t) + right);
   }
   SPARSEMOE_INLINE A relu(A h) const { return h != h ? h : (h > A(0) ? h : A(0)); }
@@ -208,7 +218,7 @@ SPARSEMOE_INLINE void plain_backward(const T* grad_a, int64_t ldga, ActIn<T> h, 
 template <typename T>
 SPARSEMOE_INLINE Math<typename Elem<T>::acc, RoundTo<T>> make_math(const ActivationSpec& act) {
   using A = typename Elem<T>::acc;
-  return {A(act.alpha), RoundTo<T>{}(A(act.limit)), {}};
+  return {A(act.alpha), RoundTo<T>{}(A(act.limit)), {}, A(std::numeric_limits<T>::lowest())};
 }
 
 template <typename T>

@@ -9,6 +9,8 @@
 // of an ExpertSchedule (grouped_gemm.cuh), never the caller's tensor.
 #pragma once
 
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -91,17 +93,15 @@ template <typename T>
 __device__ __forceinline__ T gelu_tanh_grad(T g, T x) {
   const T beta = T(kSqrtTwo * kTwoOverSqrtPi * 0.5);
   const T kappa = T(kGeluTanhKappa);
-  const T x_sq = x * x;
+  // x^2 bounded at the largest finite value: where tanh has saturated for a finite x, sech^2 is
+  // exactly 0 and the second term must be 0, not 0 * inf (at x = +-inf it stays NaN).
+  const T x_sq = fmin(x * x, std::numeric_limits<T>::max());
   const T inner = beta * (x + kappa * x_sq * x);
   const T t = tanh_of(inner);
   const T left = T(0.5) * x;
   const T right = T(1) + t;
   const T inner_grad = beta * (T(1) + T(3) * kappa * x_sq);
-  // Where tanh has saturated for a finite x, sech^2 is exactly 0 and so is the second term,
-  // though x^2 may have overflowed (0 * inf); at x = +-inf it stays NaN, as the exact math gives.
-  const T sech2 = T(1) - t * t;
-  const T second = sech2 == T(0) && isfinite(x) ? T(0) : left * sech2 * inner_grad;
-  return g * (T(0.5) * right + second);
+  return g * (T(0.5) * right + left * (T(1) - t * t) * inner_grad);
 }
 
 // torch.relu keeps NaN; threshold_backward(grad, x, 0) passes the gradient only where x > 0.
