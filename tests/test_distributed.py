@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import math
 import os
 import queue
@@ -42,7 +43,11 @@ def _entry(rank, world, store, case, args, results, backend):
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=COLLECTIVE_TIMEOUT)
         value = globals()[case](rank, world, *args)
-        results.put((rank, "ok", value))
+        # As bytes: a tensor put on the queue as itself travels as a shared-memory handle, which
+        # dies with this process if the parent has not opened it yet.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent with its traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -77,7 +82,7 @@ def run_ranks(world: int, case: str, *args, timeout: float = 150.0, backend: str
                     p.kill()
     errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(got.items()) if s != "ok"]
     assert not errors, f"{case} on {world} ranks failed:\n" + "\n".join(errors)
-    return [got[r][1] for r in range(world)]
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=True) for r in range(world)]
 
 
 # --- building the same layer on every rank ---------------------------------------------------------
