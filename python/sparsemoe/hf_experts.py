@@ -1,0 +1,189 @@
+"""The ``"sparsemoe"`` experts implementation for transformers 5.x.
+
+transformers 5.x routes every experts module decorated with ``@use_experts_implementation``
+through ``ExpertsInterface``: the module keeps its router, shared experts, hooks and parameter
+names, and the implementation named by ``config._experts_implementation`` receives
+``(experts_module, hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k])``.
+``register()`` adds sparsemoe there, so that
+
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="sparsemoe")
+    model.set_experts_implementation("sparsemoe")     # or on a live model
+
+run the experts as dispatch -> expert_ffn -> combine. The weights are read in place in every
+layout the decorator declares (fused or interleaved gate/up, transposed, with biases): the
+layout is passed to the kernels as strides and flags, never converted per step. The gradient
+of ``top_k_weights`` flows back into HF's own router.
+
+A module the kernels cannot compute exactly (a custom gate other than GPT-OSS's, an activation
+sparsemoe lacks, a post-expert norm, expert-parallel sentinels) runs transformers' own eager
+experts instead, with one warning per module class and reason; ``register(on_unsupported=
+"error")`` makes that an error. ``experts_plan(model)`` says, per experts module, which runs.
+
+Nothing here imports transformers at import time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+NAME = "sparsemoe"
+ON_UNSUPPORTED = ("warn", "error")
+_settings = {"on_unsupported": "warn"}
+_warned: set[tuple[str, str]] = set()
+
+
+class UnsupportedExperts(NotImplementedError):
+    """An experts module sparsemoe's kernels cannot compute exactly (with on_unsupported="error")."""
+
+
+@dataclass(frozen=True)
+class ExpertsPlan:
+    """How one experts module's weights map onto sparsemoe.ops.expert_ffn."""
+    activation: str
+    transposed: bool      # weights stored [E, in, out] (GPT-OSS, Llama-4 style)
+    interleaved: bool     # gate/up alternate along 2f (GPT-OSS)
+    has_bias: bool
+    gated: bool
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+
+# transformers' activation modules, by class name -> sparsemoe's name for the plain activation.
+_ACTIVATION_CLASSES = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUActivation": "gelu",
+                       "GELU": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                       "PytorchGELUTanh": "gelu_tanh"}
+
+
+def _activation_of(act_fn) -> str | None:
+    name = _ACTIVATION_CLASSES.get(type(act_fn).__name__)
+    if name == "gelu" and getattr(act_fn, "approximate", "none") != "none":
+        return "gelu_tanh" if act_fn.approximate == "tanh" else None
+    return name
+
+
+def _has_own_gate(module: nn.Module) -> bool:
+    """True when the class replaces transformers' default gate (act(gate) * up)."""
+    from transformers.integrations.moe import _default_apply_gate
+    return getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+
+
+def _is_gpt_oss(module: nn.Module) -> bool:
+    return any(cls.__name__ == "GptOssExperts" for cls in type(module).__mro__)
+
+
+def plan_for(module: nn.Module) -> ExpertsPlan | str:
+    """The plan that runs `module` on sparsemoe's kernels, or the reason it cannot."""
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm after each expert (has_post_expert_norm) is not supported"
+    if getattr(module, "_is_expert_parallel", False):
+        return "transformers' own expert parallelism (sentinel expert ids) is not supported; use sparsemoe.distributed"
+    gated = bool(getattr(module, "has_gate", True))
+    transposed = bool(getattr(module, "is_transposed", False))
+    interleaved = not bool(getattr(module, "is_concatenated", True))
+    has_bias = bool(getattr(module, "has_bias", False))
+    names = ("gate_up_proj" if gated else "up_proj", "down_proj")
+    for name in names:
+        w = getattr(module, name, None)
+        if not isinstance(w, Tensor) or w.dim() != 3:
+            return f"expected a 3-D tensor {name!r}, got {type(w).__name__}"
+        if not w.is_floating_point():
+            return f"{name!r} has dtype {w.dtype} (quantized weights are not supported)"
+    if has_bias:
+        for name in names:
+            if not isinstance(getattr(module, name + "_bias", None), Tensor):
+                return f"has_bias is set but {name + '_bias'!r} is missing"
+    alpha, limit = 1.702, 7.0
+    if gated and _has_own_gate(module):
+        if not _is_gpt_oss(module):
+            return f"its own gate {type(module).__qualname__}._apply_gate is not one sparsemoe knows"
+        activation = "clamped_swiglu"
+        alpha, limit = float(module.alpha), float(module.limit)
+    else:
+        plain = _activation_of(getattr(module, "act_fn", None))
+        if plain is None:
+            return f"activation {type(getattr(module, 'act_fn', None)).__name__} is not supported"
+        if gated and plain != "silu":
+            return f"gated activation {plain}(gate) * up is not supported (only SwiGLU)"
+        activation = "swiglu" if gated else plain
+    if interleaved and not gated:
+        return "interleaved gate/up without a gate"
+    return ExpertsPlan(activation, transposed, interleaved, has_bias, gated, alpha, limit)
+
+
+def _fall_back(module: nn.Module, reason: str, *args):
+    where = type(module).__qualname__
+    message = f"sparsemoe cannot run the experts of {where}: {reason}"
+    if _settings["on_unsupported"] == "error":
+        raise UnsupportedExperts(message)
+    if (where, reason) not in _warned:
+        _warned.add((where, reason))
+        warnings.warn(message + "; running transformers' eager experts instead", stacklevel=3)
+    # use_experts_implementation wraps the class's own forward with functools.wraps.
+    return type(module).forward.__wrapped__(module, *args)
+
+
+def _weights(module: nn.Module, plan: ExpertsPlan, dtype: torch.dtype):
+    w1 = module.gate_up_proj if plan.gated else module.up_proj
+    w2 = module.down_proj
+    b1 = b2 = None
+    if plan.has_bias:
+        b1 = module.gate_up_proj_bias if plan.gated else module.up_proj_bias
+        b2 = module.down_proj_bias
+    if plan.transposed:  # [E, in, out] -> the kernels' [E, out, in], as a strided view
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    if w1.dtype != dtype:  # autocast: the weights in its dtype, as nn.Linear does
+        w1, w2 = w1.to(dtype), w2.to(dtype)
+        b1, b2 = (None if b is None else b.to(dtype) for b in (b1, b2))
+    return w1, w2, b1, b2
+
+
+def experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """The experts implementation registered as "sparsemoe"."""
+    plan = plan_for(module)
+    if isinstance(plan, str):
+        return _fall_back(module, plan, hidden_states, top_k_index, top_k_weights)
+    device_type = hidden_states.device.type
+    weights_dtype = (module.gate_up_proj if plan.gated else module.up_proj).dtype
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weights_dtype
+    w1, w2, b1, b2 = _weights(module, plan, dtype)
+    x = hidden_states.to(dtype)
+    x_sorted, offsets, slot = ops.dispatch(x, top_k_index.to(torch.int64), w1.shape[0])
+    options = dict(gate_up_interleaved=True) if plan.interleaved else {}
+    y = ops.expert_ffn(x_sorted, offsets, w1, w2, activation=plan.activation, b1=b1, b2=b2,
+                       swiglu_alpha=plan.swiglu_alpha, swiglu_limit=plan.swiglu_limit, **options)
+    out = ops.combine(y, slot, top_k_weights.to(ops.opmath_dtype(dtype)))
+    return out.to(hidden_states.dtype)
+
+
+def register(on_unsupported: str = "warn") -> None:
+    """Register the "sparsemoe" experts implementation with transformers (idempotent).
+
+    ``on_unsupported``: what an experts module the kernels cannot run does: "warn" (once per
+    class and reason, then transformers' eager experts run) or "error" (UnsupportedExperts).
+    """
+    if on_unsupported not in ON_UNSUPPORTED:
+        raise ValueError(f"on_unsupported: expected one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError as err:
+        raise ImportError("sparsemoe.hf.register needs transformers >= 5 (its ExpertsInterface); "
+                          f"for transformers 4.x use sparsemoe.hf.patch_moe_blocks ({err})") from err
+    _settings["on_unsupported"] = on_unsupported
+    ExpertsInterface.register(NAME, experts_forward)
+
+
+def experts_plan(model: nn.Module) -> dict[str, ExpertsPlan | str]:
+    """Per decorated experts module of `model` (by qualified name): the plan sparsemoe runs, or
+    the reason it falls back to transformers' eager experts."""
+    return {name: plan_for(m) for name, m in model.named_modules()
+            if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(type(m).forward, "__wrapped__")}
+
+
+__all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "register", "experts_forward", "experts_plan", "plan_for"]
