@@ -473,3 +473,19 @@ def test_transformers4_blocks(family, transformers4_results):
     block5.load_state_dict(sd5)
     with torch.no_grad():
         assert rel_err(hf_forward(block5, saved["x"]), saved["out"]) <= 1e-5
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
+def test_transformers4_blocks_patched(family, transformers4_results):
+    """patch_moe_blocks on real 4.x blocks (per-expert experts, Llama-4's dense experts, Switch):
+    the same return signature and state-dict keys, outputs and every gradient as unpatched."""
+    r = transformers4_results[1]["patched"][family]
+    assert r["patched"] == [""], r
+    assert r["same_signature"] and r["same_keys"], r
+    assert r["forward_rel_err"] <= 1e-5 and r["grad_rel_err"] <= 1e-5, r
+
+
+def test_transformers4_model_patched(transformers4_results):
+    r = transformers4_results[1]["patched_model"]
+    assert r["patched"] == ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"], r
+    assert r["logits_rel_err"] <= 1e-5 and r["aux_loss_rel_err"] <= 1e-5 and r["same_tokens"], r

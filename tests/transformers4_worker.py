@@ -8,6 +8,7 @@ Usage: PYTHONPATH=<transformers 4.x dir> python tests/transformers4_worker.py OU
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from sparsemoe.hf import detect_layout, family_of, from_hf, from_hf_state_dict, to_hf
+from sparsemoe.hf import detect_layout, family_of, from_hf, from_hf_state_dict, patch_moe_blocks, to_hf
 
 D = 16
 SHAPE = (3, 8, D)
@@ -115,9 +116,68 @@ def check(family: str, out_dir: Path) -> dict:
             "round_trip_bitwise": bitwise}
 
 
+def _structure(out):
+    """The return signature of a block: nested tuple types and tensor shapes."""
+    if isinstance(out, tuple):
+        return [_structure(o) for o in out]
+    return list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+
+
+def _flat(out):
+    return [t for o in out for t in _flat(o)] if isinstance(out, tuple) else [out]
+
+
+def check_patched(family: str) -> dict:
+    """patch_moe_blocks on a 4.x block: what it returns, and the gradients of its input and of
+    every parameter, against the same block unpatched."""
+    block, config = make_block(family, 3)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for patch in (False, True):
+        b = copy.deepcopy(block)
+        names = patch_moe_blocks(b, config) if patch else []
+        xi = x.clone().requires_grad_(True)
+        out = b(xi)
+        first = out[0] if isinstance(out, tuple) else out
+        first.backward(torch.ones_like(first))
+        runs.append((names, out, xi.grad, {n: p.grad for n, p in b.named_parameters()},
+                     sorted(b.state_dict())))
+    (_, want, gx_want, g_want, keys_want), (names, got, gx_got, g_got, keys_got) = runs
+    errs = {"x": rel_err(gx_got, gx_want)}
+    for n, g in g_want.items():
+        other = g_got[n]
+        if g is None:  # an expert no token reached: the stacked weights give it zeros
+            errs[n] = 0.0 if other is None or not other.any() else 1.0
+        else:
+            errs[n] = rel_err(other, g)
+    outs = [rel_err(a.detach(), b.detach()) for a, b in zip(_flat(got), _flat(want))
+            if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return {"patched": names, "same_signature": _structure(got) == _structure(want),
+            "same_keys": keys_got == keys_want, "forward_rel_err": max(outs), "grad_rel_err": max(errs.values())}
+
+
+def check_patched_model() -> dict:
+    """A whole 4.x Mixtral model: logits and greedy tokens with its blocks patched."""
+    torch.manual_seed(0)
+    config = T.MixtralConfig(vocab_size=64, hidden_size=D, intermediate_size=12, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=3)
+    model = T.MixtralForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, output_router_logits=True)
+        tokens_want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        names = patch_moe_blocks(model)
+        got = model(ids, output_router_logits=True)
+        tokens_got = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    return {"patched": names, "logits_rel_err": rel_err(got.logits, want.logits),
+            "aux_loss_rel_err": rel_err(got.aux_loss, want.aux_loss), "same_tokens": torch.equal(tokens_got, tokens_want)}
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
-    results = {"transformers": T.__version__, "families": {f: check(f, out_dir) for f in CONFIGS}}
+    results = {"transformers": T.__version__, "families": {f: check(f, out_dir) for f in CONFIGS},
+               "patched": {f: check_patched(f) for f in CONFIGS if f != "gpt_oss"},
+               "patched_model": check_patched_model()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
