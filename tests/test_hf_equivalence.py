@@ -475,9 +475,9 @@ def test_transformers4_blocks(family, transformers4_results):
         assert rel_err(hf_forward(block5, saved["x"]), saved["out"]) <= 1e-5
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_transformers4_blocks_patched(family, transformers4_results):
-    """patch_moe_blocks on real 4.x blocks (per-expert experts, Llama-4's dense experts, Switch):
+    """patch_moe_blocks on real 4.x blocks (per-expert experts, GPT-OSS's and Llama-4's fused ones, Switch):
     the same return signature and state-dict keys, outputs and every gradient as unpatched."""
     r = transformers4_results[1]["patched"][family]
     assert r["patched"] == [""], r

@@ -176,7 +176,7 @@ def check_patched_model() -> dict:
 def main() -> None:
     out_dir = Path(sys.argv[1])
     results = {"transformers": T.__version__, "families": {f: check(f, out_dir) for f in CONFIGS},
-               "patched": {f: check_patched(f) for f in CONFIGS if f != "gpt_oss"},
+               "patched": {f: check_patched(f) for f in CONFIGS},
                "patched_model": check_patched_model()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

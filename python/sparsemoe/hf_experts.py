@@ -148,6 +148,12 @@ def experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
     plan = plan_for(module)
     if isinstance(plan, str):
         return _fall_back(module, plan, hidden_states, top_k_index, top_k_weights)
+    return run_experts(module, plan, hidden_states, top_k_index, top_k_weights)
+
+
+def run_experts(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
+                top_k_weights: Tensor) -> Tensor:
+    """dispatch -> expert_ffn -> combine on `module`'s weights, read in place as `plan` says."""
     device_type = hidden_states.device.type
     weights_dtype = (module.gate_up_proj if plan.gated else module.up_proj).dtype
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -186,4 +192,5 @@ def experts_plan(model: nn.Module) -> dict[str, ExpertsPlan | str]:
             if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(type(m).forward, "__wrapped__")}
 
 
-__all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "register", "experts_forward", "experts_plan", "plan_for"]
+__all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "register", "experts_forward", "experts_plan", "plan_for",
+           "run_experts"]

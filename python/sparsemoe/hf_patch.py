@@ -4,7 +4,8 @@
 
 - Llama-4 text ``Llama4TextMoe`` (its experts are a dense bmm over every expert),
 - Switch Transformers ``SwitchTransformersSparseMLP`` (per-expert modules, capacity),
-- the transformers 4.x per-expert blocks of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3.
+- the transformers 4.x blocks: the per-expert ones of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
+  DeepSeek-V3, and GPT-OSS's fused one.
 
 Each patched block still calls its own router module (so hooks that record ``router_logits``
 still fire and HF's routing decides), returns what it returned, and keeps its parameters and
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .hf_experts import ExpertsPlan, run_experts
 from .hf import _PER_EXPERT_DEFAULT, _PER_EXPERT_NAMES, _PLAIN_ACTIVATIONS, PER_EXPERT, detect_layout, family_of, layer_options
 
 _MARK = "_sparsemoe_patched"  # the instance attribute names a patch replaced
@@ -109,6 +111,19 @@ def _switch_reason(block: nn.Module) -> str | None:
     return None
 
 
+# --- GPT-OSS under transformers 4.x (fused experts the experts interface does not reach) ------
+
+
+def _gpt_oss4_forward(self, hidden_states: Tensor):
+    router_scores, router_indices = self.router(hidden_states)  # scores [T, E], zero off the top-k
+    experts = self.experts
+    plan = ExpertsPlan("clamped_swiglu", transposed=True, interleaved=True, has_bias=True, gated=True,
+                       swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = run_experts(experts, plan, x, router_indices, router_scores.gather(1, router_indices))
+    return out.reshape(hidden_states.shape), router_scores
+
+
 # --- transformers 4.x per-expert blocks ---------------------------------------------------------
 
 
@@ -175,6 +190,9 @@ def _patch_one(block: nn.Module, config) -> bool:
         block._sparsemoe_activation = getattr(config, "dense_act_fn", "relu")
         block._sparsemoe_v4 = type(block.experts).__name__ != "SwitchTransformersExperts"
         _patch(block, "forward", _guarded(_switch_forward, _switch_reason, "forward"))
+        return True
+    if family == "gpt_oss" and not hasattr(block.experts, "has_gate"):  # 4.x: not decorated
+        _patch(block, "forward", _gpt_oss4_forward)
         return True
     if family in _PER_EXPERT_4X and detect_layout(block.state_dict(), family) == PER_EXPERT:
         block._sparsemoe_family, block._sparsemoe_hf_config = family, config
