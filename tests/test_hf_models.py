@@ -259,12 +259,15 @@ def test_patching_undoes_and_repatches(family, checkpoints):
     assert not ran_sparsemoe(model, family)
 
 
-def test_standard_fused_layout_copies_no_weights(checkpoints):
-    """The standard layout is read in place: no copy of an expert weight in forward or backward."""
-    model = load(checkpoints["olmoe"], "olmoe", "sparsemoe")
-    shapes = {tuple(p.shape) for n, p in model.named_parameters() if "experts" in n}
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_expert_weights_are_read_in_place(family, checkpoints):
+    """The standard layout (OLMoE) and the transposed, interleaved one (GPT-OSS) are read in
+    place: no copy of an expert weight, in either orientation, in forward or backward."""
+    model = load(checkpoints[family], family, "sparsemoe")
+    shapes = {s for n, p in model.named_parameters() if "experts" in n and p.dim() == 3
+              for s in (tuple(p.shape), tuple(p.transpose(1, 2).shape))}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        model(**batch("olmoe")).loss.backward()
+        model(**batch(family)).loss.backward()
     copies = [(e.name, e.input_shapes) for e in prof.events()
               if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::stack")
               and any(tuple(s) in shapes for s in e.input_shapes if s)]
