@@ -22,4 +22,16 @@ ActivationSpec parse_activation(const std::string& name, double alpha, double li
               "'relu', got '", name, "'");
 }
 
+const char* activation_name(Activation kind) {
+  switch (kind) {
+    case Activation::SwiGLU: return "swiglu";
+    case Activation::ClampedSwiGLU: return "clamped_swiglu";
+    case Activation::SiLU: return "silu";
+    case Activation::GELU: return "gelu";
+    case Activation::GELUTanh: return "gelu_tanh";
+    case Activation::ReLU: return "relu";
+  }
+  return "unknown";
+}
+
 }  // namespace sparsemoe

@@ -19,6 +19,9 @@ struct ActivationSpec {
 
 ActivationSpec parse_activation(const std::string& name, double alpha, double limit);
 
+// The schema's name of an activation kind ('swiglu', 'gelu', ...), for messages.
+const char* activation_name(Activation kind);
+
 // Gated activations read [gate | up] halves of the hidden row, so the first expert projection
 // has twice the hidden width.
 inline bool is_gated(const ActivationSpec& act) {

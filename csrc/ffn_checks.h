@@ -27,9 +27,19 @@ inline void check_ffn_bias(const c10::optional<at::Tensor>& b, const char* name,
               ", got ", shape_str(*b));
 }
 
+// Interleaved gate/up rows only mean something for an activation that has a gate and an up half;
+// an ungated one is refused rather than silently reading the flag as a no-op, since passing it
+// says the weights were laid out for a gated activation.
+inline void check_gate_up_layout(const ActivationSpec& act, bool gate_up_interleaved) {
+  TORCH_CHECK(!gate_up_interleaved || is_gated(act), "gate_up_interleaved: expected False for the ungated activation '",
+              activation_name(act.kind), "' (only 'swiglu' and 'clamped_swiglu' have gate and up rows), got True");
+}
+
 inline FfnDims check_ffn_shapes(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& w1,
                                 const at::Tensor& w2, const ActivationSpec& act,
-                                const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& b2) {
+                                const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& b2,
+                                bool gate_up_interleaved) {
+  check_gate_up_layout(act, gate_up_interleaved);
   check_rank(x, "x_sorted", 2, "[N, d]");
   check_floating(x, "x_sorted");
   check_rank(offsets, "expert_offsets", 1, "[E + 1]");
@@ -47,7 +57,9 @@ inline FfnDims check_ffn_shapes(const at::Tensor& x, const at::Tensor& offsets, 
   check_size(w2, "w2", 0, s.E, "E, from w1");
   check_size(w2, "w2", 1, s.d, "d, the width of x_sorted");
   check_size(w1, "w1", 1, is_gated(act) ? 2 * s.f : s.f,
-             is_gated(act) ? "2*f: gate and up rows of a gated activation" : "f, from w2");
+             !is_gated(act)         ? "f, from w2"
+             : gate_up_interleaved ? "2*f: alternating gate and up rows of a gated activation"
+                                   : "2*f: gate and up rows of a gated activation");
   check_ffn_bias(b1, "b1", x, s.E, s.F1, "[E, F1], the bias of w1");
   check_ffn_bias(b2, "b2", x, s.E, s.d, "[E, d], the bias of w2");
   return s;

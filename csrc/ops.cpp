@@ -50,16 +50,23 @@ TORCH_LIBRARY(sparsemoe, m) {
 
   // Grouped expert FFN over contiguous segments: for the rows r of expert e,
   // hidden[r] = x[r] @ w1[e]^T + b1[e] and y[r] = act(hidden[r]) @ w2[e]^T + b2[e].
-  // x_sorted [N,d], expert_offsets [E+1], w1 [E,F1,d] (F1 = 2f with gate rows first for the
-  // gated 'swiglu' and 'clamped_swiglu', else f), w2 [E,d,f], b1 [E,F1], b2 [E,d]
-  // -> y [N,d], hidden [N,F1] (kept for the backward). Rows past offsets[E] (capacity padding)
-  // are 0. swiglu_alpha and swiglu_limit parametrise 'clamped_swiglu' (GPT-OSS).
+  // x_sorted [N,d], expert_offsets [E+1], w1 [E,F1,d] (F1 = 2f for the gated 'swiglu' and
+  // 'clamped_swiglu', else f), w2 [E,d,f], b1 [E,F1], b2 [E,d] -> y [N,d], hidden [N,F1] (in
+  // w1's row order, kept for the backward). Rows past offsets[E] (capacity padding) are 0.
+  // The gate and up rows of w1 (and b1) are [gate | up] halves, or with gate_up_interleaved
+  // (GPT-OSS; gated activations only) alternate: row 2c gate column c, row 2c+1 up column c.
+  // w1 and w2 may be transposed views (each expert's matrix column-major, as Hugging Face stores
+  // GPT-OSS and Llama-4 experts): the CPU kernels read them in place. swiglu_alpha and
+  // swiglu_limit parametrise 'clamped_swiglu' (GPT-OSS).
   m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation, "
-        "Tensor? b1=None, Tensor? b2=None, float swiglu_alpha=1.702, float swiglu_limit=7.0) -> (Tensor y, Tensor hidden)");
-  // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f], grad_b1 [E,F1], grad_b2 [E,d] (the bias
+        "Tensor? b1=None, Tensor? b2=None, float swiglu_alpha=1.702, float swiglu_limit=7.0, "
+        "bool gate_up_interleaved=False) -> (Tensor y, Tensor hidden)");
+  // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
+  // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias
   // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.
   m.def("expert_ffn_backward(Tensor grad_y, Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, "
-        "Tensor hidden, str activation, float swiglu_alpha, float swiglu_limit, bool bias_grads) -> "
+        "Tensor hidden, str activation, float swiglu_alpha, float swiglu_limit, bool bias_grads, "
+        "bool gate_up_interleaved=False) -> "
         "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2)");
 }
 

@@ -85,6 +85,19 @@ def experts(N, d, f, E, act, dtype=torch.float32, counts=None, pad=0, x_scale=1.
     return x, offsets, w1, w2, b1, b2
 
 
+def interleave_gate_up(w1: torch.Tensor) -> torch.Tensor:
+    """w1 [E, 2f, ...] (or b1 [E, 2f]) with [gate | up] halves -> the same rows alternating gate
+    and up, GPT-OSS's order (gate_up_interleaved=True)."""
+    gate, up = w1.chunk(2, dim=1)
+    return torch.stack((gate, up), dim=2).reshape(w1.shape)
+
+
+def transposed_view(w: torch.Tensor) -> torch.Tensor:
+    """The values of an expert weight [E, R, C] as a transposed view of an [E, C, R] parameter,
+    the layout Hugging Face stores GPT-OSS's and Llama-4's experts in."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def hidden_pre_activation(x, off, w1, b1):
     """x @ w1[e]^T + b1[e] for the rows of each expert (padding rows left out)."""
     return torch.cat([x[off[e]:off[e + 1]] @ w1[e].T + (0 if b1 is None else b1[e]) for e in range(w1.shape[0])])

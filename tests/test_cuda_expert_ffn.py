@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsemoe import ops, reference
-from helpers import (ACTS, DEV, LOWP, assert_grads_close, dev, experts, host, kink_distance, lowp_tolerance,
-                     needs_cuda, opcheck, random_ids, routed)
+from helpers import (ACTS, DEV, LOWP, assert_grads_close, dev, experts, host, interleave_gate_up, kink_distance,
+                     lowp_tolerance, needs_cuda, opcheck, random_ids, routed, transposed_view)
 
 pytestmark = needs_cuda
 SCORINGS = ops.SCORINGS
@@ -161,6 +161,61 @@ def test_expert_ffn_opcheck(act, dtype, use_b1, use_b2, pad):
                                                None if b1 is None else b1.detach(), None, 1.702, 2.0)
     opcheck(torch.ops.sparsemoe.expert_ffn_backward.default, torch.randn_like(y), x.detach(), off, w1.detach(),
             w2.detach(), hidden, act, 1.702, 2.0, use_b1 or use_b2)
+
+
+# Hugging Face's layouts: transposed weights (copied on CUDA for now, their gradients copied back
+# into the weights' layout) and interleaved gate/up rows, on both GEMM paths (bfloat16 with d and f
+# multiples of 8 takes at::_grouped_mm, float32 the tiled kernels).
+@pytest.mark.parametrize("act,interleaved", [("swiglu", True), ("clamped_swiglu", True), ("clamped_swiglu", False),
+                                             ("gelu", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_hf_layouts_match_cpu_and_reference(act, interleaved, dtype):
+    counts = [30, 0, 2, 45, 1, 20]
+    N = sum(counts)
+    x, off, w1, w2, b1, b2 = experts(N, 64, 48, len(counts), act, torch.float32, counts=counts, pad=5)
+    if interleaved:
+        w1, b1 = interleave_gate_up(w1), interleave_gate_up(b1)
+    w1, w2 = transposed_view(w1), transposed_view(w2)
+    g = torch.randn(N + 5, 64)
+    kw = dict(swiglu_alpha=1.702, swiglu_limit=7.0, gate_up_interleaved=interleaved)
+
+    def run(fn, device, leaf_dtype, contiguous=False):
+        leaves = [(t.contiguous() if contiguous else t).to(device, leaf_dtype).requires_grad_()
+                  for t in (x, w1, w2, b1, b2)]
+        y = fn(leaves[0], off.to(device), leaves[1], leaves[2], act, leaves[3], leaves[4], **kw)
+        grads = torch.autograd.grad(y, leaves, g.to(device, leaf_dtype))
+        return [y, *grads], leaves
+
+    got, leaves = run(ops.expert_ffn, DEV, dtype)
+    # A .to() keeps a transposed view's strides: the CUDA kernel saw transposed weights.
+    assert leaves[1].stride() == w1.stride()
+    for grad, weight in zip(got[2:4], leaves[1:3]):
+        assert grad.stride() == weight.stride()
+    exact, _ = run(reference.expert_ffn, "cpu", torch.float64, contiguous=True)
+    if dtype == torch.float32:
+        cpu, _ = run(ops.expert_ffn, "cpu", dtype)
+        for a, e, c in zip(got, exact, cpu):
+            torch.testing.assert_close(a.cpu(), e.float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.cpu(), c, rtol=1e-5, atol=1e-5)
+    else:
+        plain, _ = run(reference.expert_ffn, DEV, dtype)
+        lowp_tolerance(got[0].cpu(), plain[0].cpu(), exact[0])
+        assert_grads_close([t.cpu() for t in got[1:]], [t.cpu() for t in plain[1:]], exact[1:], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_hf_layouts_opcheck(dtype):
+    x, off, w1, w2, b1, b2 = (dev(t) for t in experts(20, 16, 8, 4, "clamped_swiglu", dtype, counts=[5, 0, 10, 5],
+                                                       pad=3))
+    w1, b1 = transposed_view(interleave_gate_up(w1)), interleave_gate_up(b1)
+    w2 = transposed_view(w2)
+    args = [t.requires_grad_() for t in (x, w1, w2, b1, b2)]
+    opcheck(torch.ops.sparsemoe.expert_ffn.default, args[0], off, args[1], args[2], "clamped_swiglu", args[3],
+            args[4], 1.702, 2.0, True)
+    y, hidden = torch.ops.sparsemoe.expert_ffn(x.detach(), off, w1.detach(), w2.detach(), "clamped_swiglu",
+                                               b1.detach(), b2.detach(), 1.702, 2.0, True)
+    opcheck(torch.ops.sparsemoe.expert_ffn_backward.default, torch.randn_like(y), x.detach(), off, w1.detach(),
+            w2.detach(), hidden, "clamped_swiglu", 1.702, 2.0, True, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -264,6 +264,33 @@ SPARSEMOE_INLINE void backward_impl(const ActivationSpec& act, const T* grad_a, 
   }
 }
 
+// Assignments copy the elements' bits, NaN payloads included; GCC turns the loops into shuffles.
+template <typename T>
+SPARSEMOE_INLINE void split_impl(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ s = src + r * lds;
+    T* __restrict__ gate = dst + r * ldd;
+    T* __restrict__ up = gate + cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      gate[c] = s[2 * c];
+      up[c] = s[2 * c + 1];
+    }
+  }
+}
+
+template <typename T>
+SPARSEMOE_INLINE void interleave_impl(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ gate = src + r * lds;
+    const T* __restrict__ up = gate + cols;
+    T* __restrict__ d = dst + r * ldd;
+    for (int64_t c = 0; c < cols; ++c) {
+      d[2 * c] = gate[c];
+      d[2 * c + 1] = up[c];
+    }
+  }
+}
+
 }  // namespace
 
 // One ISA-cloned entry point per storage type; the templates above inline into each clone.
@@ -287,6 +314,31 @@ SPARSEMOE_INLINE void backward_impl(const ActivationSpec& act, const T* grad_a, 
                                     ActOut<T> gh, ActOut<T> a, int64_t rows, int64_t cols) {              \
     NAME##_backward(act, grad_a, ldga, h, gh, a, rows, cols);                                             \
   }
+
+#define SPARSEMOE_GATE_UP_ENTRIES(T, NAME)                                                                 \
+  SPARSEMOE_ISA_CLONES void NAME##_split(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,     \
+                                         int64_t cols) {                                                    \
+    split_impl<T>(src, lds, dst, ldd, rows, cols);                                                          \
+  }                                                                                                         \
+  SPARSEMOE_ISA_CLONES void NAME##_interleave(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, \
+                                              int64_t cols) {                                               \
+    interleave_impl<T>(src, lds, dst, ldd, rows, cols);                                                     \
+  }                                                                                                         \
+  template <>                                                                                               \
+  void split_gate_up<T>(const T* interleaved, int64_t ld_interleaved, T* halves, int64_t ld_halves,         \
+                        int64_t rows, int64_t cols) {                                                       \
+    NAME##_split(interleaved, ld_interleaved, halves, ld_halves, rows, cols);                               \
+  }                                                                                                         \
+  template <>                                                                                               \
+  void interleave_gate_up<T>(const T* halves, int64_t ld_halves, T* interleaved, int64_t ld_interleaved,    \
+                             int64_t rows, int64_t cols) {                                                  \
+    NAME##_interleave(halves, ld_halves, interleaved, ld_interleaved, rows, cols);                          \
+  }
+
+SPARSEMOE_GATE_UP_ENTRIES(float, moves_f32)
+SPARSEMOE_GATE_UP_ENTRIES(double, moves_f64)
+SPARSEMOE_GATE_UP_ENTRIES(c10::BFloat16, moves_bf16)
+SPARSEMOE_GATE_UP_ENTRIES(c10::Half, moves_f16)
 
 SPARSEMOE_ACTIVATION_ENTRIES(float, act_f32)
 SPARSEMOE_ACTIVATION_ENTRIES(double, act_f64)

@@ -36,4 +36,14 @@ template <typename T>
 void activation_backward_block(const ActivationSpec& act, const T* grad_a, int64_t ld_grad_a, ActIn<T> h,
                                ActOut<T> grad_h, ActOut<T> a, int64_t rows, int64_t cols);
 
+// Interleaved gate/up (GPT-OSS: column 2c of a block is gate column c, 2c + 1 is up column c)
+// to and from the [gate | up] halves the loops above read with unit stride, for `rows` rows of
+// 2 * cols columns of one block. Plain element moves, so the values are bitwise the same.
+template <typename T>
+void split_gate_up(const T* interleaved, int64_t ld_interleaved, T* halves, int64_t ld_halves, int64_t rows,
+                   int64_t cols);
+template <typename T>
+void interleave_gate_up(const T* halves, int64_t ld_halves, T* interleaved, int64_t ld_interleaved, int64_t rows,
+                        int64_t cols);
+
 }  // namespace sparsemoe

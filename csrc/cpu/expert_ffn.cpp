@@ -2,6 +2,13 @@
 // backward. Each GEMM is cut into (expert, output columns) blocks (cpu/expert_blocks.h) that
 // run through at::mm_out (MKL / oneDNN with AVX-512 or AVX512-BF16) on views of the buffers,
 // so no rows are copied; the activation runs on each block right after its GEMM.
+//
+// The expert weights are read where they are: each expert's matrix may be row-major or
+// column-major (Hugging Face stores GPT-OSS's and Llama-4's transposed) with any expert stride,
+// since the BLAS takes either operand order; their gradients are allocated in the weights' own
+// layout. Gate and up rows of w1 may alternate (GPT-OSS): activation columns [c0, c0 + cn) then
+// come from w1 rows [2c0, 2c0 + 2cn), still one GEMM per block, and only the block's GEMM output
+// is rearranged into the [gate | up] halves the activation loops read.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -45,17 +52,63 @@ T* row_ptr(const at::Tensor& t, int64_t row, int64_t col) {
   return t.data_ptr<T>() + row * t.stride(0) + col;
 }
 
+// An expert weight [E, R, C] as the kernels read it: each expert's R x C matrix row-major (unit
+// stride along C) or column-major (unit stride along R), in place. A dim of size 1 has no
+// stride that matters. Any other layout is copied once into row-major, the one case that copies.
+struct ExpertWeight {
+  at::Tensor t;
+  bool col_major;
+  int64_t ld;  // the stride between rows (row-major) or between columns (column-major)
+};
+
+ExpertWeight expert_weight(const at::Tensor& w) {
+  if (w.size(2) <= 1 || w.stride(2) == 1) return {w, false, w.stride(1)};
+  if (w.size(1) <= 1 || w.stride(1) == 1) return {w, true, w.stride(2)};
+  const at::Tensor c = w.contiguous();
+  return {c, false, c.stride(1)};
+}
+
+// The rows a block multiplies with w. ATen's own bfloat16 / float16 GEMM, which runs where
+// oneDNN's does not (CPUs without AVX-512), is several times slower for row-major rows times a
+// column-major weight than for column-major rows times it; a column-major copy of the block's
+// rows (never of the weight) costs 1 / cols of the product.
+at::Tensor rows_for(const at::Tensor& rows, const ExpertWeight& w) {
+  if (!w.col_major || !at::isReducedFloatingType(rows.scalar_type())) return rows;
+  return rows.t().contiguous().t();
+}
+
+// out [rows, cols] = a @ w[e][j0 : j0 + cols]^T (+ bias) for at most kFewRows rows, and the same
+// for the columns `second` further on (the up half of a gated block) when second > 0, with the
+// dot-product kernel that suits the weight's layout. Row-major runs the halves one after the
+// other, column-major in one pass over the weight's rows.
+template <typename T>
+void few_rows_linear(const T* a, int64_t lda, const ExpertWeight& w, int64_t e, int64_t j0, int64_t second,
+                     const T* bias, T* out, int64_t ldo, int64_t rows, int64_t cols, int64_t K) {
+  const T* we = w.t.data_ptr<T>() + e * w.t.stride(0) + j0 * w.t.stride(1);
+  if (w.col_major) {
+    few_rows_gemm_col_major<T>(a, lda, we, w.ld, bias, out, ldo, rows, cols, K, second > 0 ? 2 : 1,
+                               second * w.t.stride(1));
+    return;
+  }
+  for (int64_t half = 0; half < (second > 0 ? 2 : 1); ++half) {
+    const int64_t shift = half * second;
+    few_rows_gemm<T>(a, lda, we + shift * w.ld, w.ld, bias != nullptr ? bias + shift : nullptr, out + shift, ldo,
+                     rows, cols, K);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in,
                                                   const at::Tensor& w1_in, const at::Tensor& w2_in,
                                                   c10::string_view activation,
                                                   const c10::optional<at::Tensor>& b1_in,
                                                   const c10::optional<at::Tensor>& b2_in, double swiglu_alpha,
-                                                  double swiglu_limit) {
+                                                  double swiglu_limit, bool gate_up_interleaved) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
-  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in);
+  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in, gate_up_interleaved);
   const int64_t M = check_offsets_values(offsets, s.N);  // rows M..N are capacity padding
-  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const ExpertWeight w1 = expert_weight(w1_in), w2 = expert_weight(w2_in);
   const at::Tensor b1 = contiguous_or_undefined(b1_in), b2 = contiguous_or_undefined(b2_in);
   const bool gated = is_gated(act);
   at::Tensor hidden = empty_large({s.N, s.F1}, x.options());
@@ -64,23 +117,43 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   const int64_t* o = offsets.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {
+    const scalar_t* bias1 = b1.defined() ? b1.data_ptr<scalar_t>() : nullptr;
     // First projection and activation, by blocks of activation columns: a gated block computes
     // its gate and up columns, so the activation needs nothing outside the block.
     for_each_block("sparsemoe::expert_ffn gemm1+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
-      for (int64_t half = 0; half < (gated ? 2 : 1); ++half) {
-        const int64_t c0 = half * s.f + b.c0;  // the half's first column of hidden, row of w1[e]
+      if (gate_up_interleaved) {
+        // The block's gate and up columns are hidden columns [2c0, 2c0 + 2cn), in w1's order.
+        const int64_t h0 = 2 * b.c0, hn = 2 * b.cn;
         if (b.n <= kFewRows) {
-          few_rows_gemm<scalar_t>(row_ptr<scalar_t>(x, b.r0, 0), s.d, row_ptr<scalar_t>(w1[b.e], c0, 0), s.d,
-                                  b1.defined() ? b1.data_ptr<scalar_t>() + b.e * s.F1 + c0 : nullptr,
-                                  row_ptr<scalar_t>(hidden, b.r0, c0), s.F1, b.n, b.cn, s.d);
-        } else if (gated && b.cn == s.f) {
-          // The block spans the whole activation: gate and up rows in one GEMM.
-          linear_into(hidden.narrow(0, b.r0, b.n), x.narrow(0, b.r0, b.n), w1[b.e].t(),
-                      b1.defined() ? b1[b.e] : at::Tensor());
-          break;
+          few_rows_linear<scalar_t>(row_ptr<scalar_t>(x, b.r0, 0), s.d, w1, b.e, h0, /*second=*/0,
+                                    bias1 != nullptr ? bias1 + b.e * s.F1 + h0 : nullptr,
+                                    row_ptr<scalar_t>(hidden, b.r0, h0), s.F1, b.n, hn, s.d);
         } else {
-          linear_into(hidden.narrow(0, b.r0, b.n).narrow(1, c0, b.cn), x.narrow(0, b.r0, b.n),
-                      w1[b.e].narrow(0, c0, b.cn).t(), slice_or_undefined(b1, b.e, c0, b.cn));
+          linear_into(hidden.narrow(0, b.r0, b.n).narrow(1, h0, hn), rows_for(x.narrow(0, b.r0, b.n), w1),
+                      w1.t[b.e].narrow(0, h0, hn).t(), slice_or_undefined(b1, b.e, h0, hn));
+        }
+        at::Tensor halves = at::empty({b.n, hn}, x.options());  // [gate | up] of the block
+        scalar_t* g = halves.data_ptr<scalar_t>();
+        split_gate_up<scalar_t>(row_ptr<scalar_t>(hidden, b.r0, h0), s.F1, g, hn, b.n, b.cn);
+        activation_forward_block<scalar_t>(act, {g, g + b.cn, hn}, {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f},
+                                           b.n, b.cn);
+        return;
+      }
+      if (b.n <= kFewRows) {
+        // The gate half's columns and, s.f further on, the up half's.
+        few_rows_linear<scalar_t>(row_ptr<scalar_t>(x, b.r0, 0), s.d, w1, b.e, b.c0, /*second=*/gated ? s.f : 0,
+                                  bias1 != nullptr ? bias1 + b.e * s.F1 + b.c0 : nullptr,
+                                  row_ptr<scalar_t>(hidden, b.r0, b.c0), s.F1, b.n, b.cn, s.d);
+      } else if (gated && b.cn == s.f) {
+        // The block spans the whole activation: gate and up rows in one GEMM.
+        linear_into(hidden.narrow(0, b.r0, b.n), rows_for(x.narrow(0, b.r0, b.n), w1), w1.t[b.e].t(),
+                    b1.defined() ? b1[b.e] : at::Tensor());
+      } else {
+        const at::Tensor rows_x = rows_for(x.narrow(0, b.r0, b.n), w1);
+        for (int64_t half = 0; half < (gated ? 2 : 1); ++half) {
+          const int64_t c0 = half * s.f + b.c0;  // the half's first column of hidden, row of w1[e]
+          linear_into(hidden.narrow(0, b.r0, b.n).narrow(1, c0, b.cn), rows_x, w1.t[b.e].narrow(0, c0, b.cn).t(),
+                      slice_or_undefined(b1, b.e, c0, b.cn));
         }
       }
       const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
@@ -90,13 +163,13 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
     // Second projection, by blocks of output columns.
     for_each_block("sparsemoe::expert_ffn gemm2", expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
       if (b.n <= kFewRows) {
-        few_rows_gemm<scalar_t>(row_ptr<scalar_t>(a, b.r0, 0), s.f, row_ptr<scalar_t>(w2[b.e], b.c0, 0), s.f,
-                                b2.defined() ? b2.data_ptr<scalar_t>() + b.e * s.d + b.c0 : nullptr,
-                                row_ptr<scalar_t>(y, b.r0, b.c0), s.d, b.n, b.cn, s.f);
+        few_rows_linear<scalar_t>(row_ptr<scalar_t>(a, b.r0, 0), s.f, w2, b.e, b.c0, /*second=*/0,
+                                  b2.defined() ? b2.data_ptr<scalar_t>() + b.e * s.d + b.c0 : nullptr,
+                                  row_ptr<scalar_t>(y, b.r0, b.c0), s.d, b.n, b.cn, s.f);
         return;
       }
-      linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), a.narrow(0, b.r0, b.n),
-                  w2[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
+      linear_into(y.narrow(0, b.r0, b.n).narrow(1, b.c0, b.cn), rows_for(a.narrow(0, b.r0, b.n), w2),
+                  w2.t[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
     });
   });
   // Capacity padding rows belong to no expert: they output zero.
@@ -108,19 +181,24 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& offsets_in,
     const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& hidden_in,
-    c10::string_view activation, double swiglu_alpha, double swiglu_limit, bool bias_grads) {
+    c10::string_view activation, double swiglu_alpha, double swiglu_limit, bool bias_grads,
+    bool gate_up_interleaved) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
-  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, c10::nullopt, c10::nullopt);
+  const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, c10::nullopt, c10::nullopt,
+                                     gate_up_interleaved);
   const int64_t M = check_offsets_values(offsets, s.N);
   check_ffn_backward_inputs(grad_y_in, x_in, hidden_in, s);
-  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w1 = expert_weight(w1_in).t, w2 = expert_weight(w2_in).t;
   const at::Tensor gy = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
   const bool gated = is_gated(act);
   const int64_t* o = offsets.data_ptr<int64_t>();
 
   at::Tensor grad_x = empty_large({s.N, s.d}, x.options());
-  at::Tensor grad_w1 = empty_large(w1.sizes(), w1.options()), grad_w2 = empty_large(w2.sizes(), w2.options());
+  // The weights' own strides (the fake kernel's empty_like): the gradient of a transposed
+  // parameter view then transposes back into the parameter's layout without a copy.
+  at::Tensor grad_w1 = empty_large_like(w1_in), grad_w2 = empty_large_like(w2_in);
   at::Tensor grad_b1 = at::empty({bias_grads ? s.E : 0, s.F1}, x.options());
   at::Tensor grad_b2 = at::empty({bias_grads ? s.E : 0, s.d}, x.options());
   grad_x.narrow(0, M, s.N - M).zero_();  // padding rows feed no expert
@@ -164,9 +242,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
       at::Tensor a = at::empty({b.n, b.cn}, x.options());
       at::Tensor grad_h = at::empty({b.n, halves * b.cn}, x.options());  // [gate | up] columns of the block
+      at::Tensor dx = (j == 0 ? grad_x : shares[j - 1]).narrow(0, b.r0, b.n);
       mm_into(grad_a, rows_gy, w2[b.e].narrow(1, b.c0, b.cn));
-      const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
       scalar_t* gh = grad_h.data_ptr<scalar_t>();
+      if (gate_up_interleaved) {
+        // The block's rows of w1 (and columns of hidden) are [2c0, 2c0 + 2cn), gate and up
+        // alternating: split hidden's for the activation, interleave grad_h back for the GEMMs.
+        const int64_t h0 = 2 * b.c0, hn = 2 * b.cn;
+        at::Tensor moved = at::empty({b.n, hn}, x.options());
+        scalar_t* mv = moved.data_ptr<scalar_t>();
+        split_gate_up<scalar_t>(row_ptr<scalar_t>(hidden, b.r0, h0), s.F1, mv, hn, b.n, b.cn);
+        activation_backward_block<scalar_t>(act, grad_a.data_ptr<scalar_t>(), b.cn, {mv, mv + b.cn, hn},
+                                            {gh, gh + b.cn, hn}, {a.data_ptr<scalar_t>(), nullptr, b.cn}, b.n,
+                                            b.cn);
+        interleave_gate_up<scalar_t>(gh, hn, mv, hn, b.n, b.cn);  // hidden's copy is spent: reuse it
+        mm_into(grad_w2[b.e].narrow(1, b.c0, b.cn), rows_gy.t(), a);
+        mm_into(grad_w1[b.e].narrow(0, h0, hn), moved.t(), rows_x);
+        if (bias_grads) sum_rows_into(grad_b1[b.e].narrow(0, h0, hn), moved);
+        mm_into(dx, moved, w1[b.e].narrow(0, h0, hn));
+        if (bias_grads && j == 0) sum_rows_into(grad_b2[b.e], rows_gy);
+        return;
+      }
+      const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
       activation_backward_block<scalar_t>(act, grad_a.data_ptr<scalar_t>(), b.cn,
                                           {g, gated ? g + s.f : nullptr, s.F1},
                                           {gh, gated ? gh + b.cn : nullptr, halves * b.cn},
@@ -178,7 +275,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
         mm_into(grad_w1[b.e].narrow(0, c0, b.cn), gh_half.t(), rows_x);
         if (bias_grads) sum_rows_into(grad_b1[b.e].narrow(0, c0, b.cn), gh_half);
       }
-      at::Tensor dx = (j == 0 ? grad_x : shares[j - 1]).narrow(0, b.r0, b.n);
       if (b.cn == s.f) {
         mm_into(dx, grad_h, w1[b.e]);  // the whole expert: [gate | up] matches w1's rows
       } else {

@@ -4,7 +4,9 @@
 // The math follows torch.nn.functional's CUDA definitions (silu, gelu erf / tanh, relu with
 // threshold_backward at 0) in opmath, and csrc/activation.cpp for the gated forms, so CPU and
 // CUDA agree up to rounding. One warp owns one row: the row's expert (needed for the bias) is
-// found once per warp, and the gate and up halves of a gated row are read by the same lane.
+// found once per warp, and the gate and up columns of a gated row are read by the same lane.
+// Gate/up columns are the [gate | up] halves of a hidden row, or with `interleaved` (GPT-OSS)
+// alternate: gate column j at hidden column 2j, up column j at 2j + 1 (GateUp below).
 // Rows at or past offsets[E] (capacity padding) get zeros. `offsets` is always the checked copy
 // of an ExpertSchedule (grouped_gemm.cuh), never the caller's tensor.
 #pragma once
@@ -169,6 +171,14 @@ __device__ __forceinline__ void gated_backward(const ActParams<T>& p, T grad, T 
   out = (u + T(1)) * glu;
 }
 
+// Hidden (and b1) columns of gate and up column j of a gated row.
+struct GateUp {
+  int64_t f;
+  bool interleaved;
+  __device__ __forceinline__ int64_t gate(int64_t j) const { return interleaved ? 2 * j : j; }
+  __device__ __forceinline__ int64_t up(int64_t j) const { return interleaved ? 2 * j + 1 : f + j; }
+};
+
 // hidden [N, F1] -> a [N, f]. With b1, hidden rows of experts get b1[e] added in place (the
 // saved pre-activation includes the bias) and the activation reads the rounded sum, as the CPU
 // path does. zero_padding_hidden clears hidden's padding rows (left unspecified by the library
@@ -177,8 +187,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     activation_forward_kernel(scalar_t* __restrict__ hidden, const scalar_t* __restrict__ b1,
                               const int64_t* __restrict__ offsets, int64_t E, int64_t N, int64_t f, int64_t F1,
-                              bool gated, bool zero_padding_hidden, ActParams<at::opmath_type<scalar_t>> p,
-                              scalar_t* __restrict__ a) {
+                              bool gated, GateUp cols, bool zero_padding_hidden,
+                              ActParams<at::opmath_type<scalar_t>> p, scalar_t* __restrict__ a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -195,12 +205,13 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
   const scalar_t* bias = b1 != nullptr ? b1 + last_at_or_below(offsets, E, row) * F1 : nullptr;
   for (int64_t j = lane; j < f; j += kWarp) {
     if (gated) {
-      scalar_t gate = h[j], up = h[f + j];
+      const int64_t jg = cols.gate(j), ju = cols.up(j);
+      scalar_t gate = h[jg], up = h[ju];
       if (bias != nullptr) {
-        gate = static_cast<scalar_t>(static_cast<acc_t>(gate) + static_cast<acc_t>(bias[j]));
-        up = static_cast<scalar_t>(static_cast<acc_t>(up) + static_cast<acc_t>(bias[f + j]));
-        h[j] = gate;
-        h[f + j] = up;
+        gate = static_cast<scalar_t>(static_cast<acc_t>(gate) + static_cast<acc_t>(bias[jg]));
+        up = static_cast<scalar_t>(static_cast<acc_t>(up) + static_cast<acc_t>(bias[ju]));
+        h[jg] = gate;
+        h[ju] = up;
       }
       out[j] = static_cast<scalar_t>(gated_forward(p, static_cast<acc_t>(gate), static_cast<acc_t>(up)));
     } else {
@@ -220,8 +231,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     activation_backward_kernel(const scalar_t* __restrict__ grad_a, const scalar_t* __restrict__ hidden,
                                const int64_t* __restrict__ offsets, int64_t E, int64_t N, int64_t f, int64_t F1,
-                               bool gated, ActParams<at::opmath_type<scalar_t>> p, scalar_t* __restrict__ grad_h,
-                               scalar_t* __restrict__ a) {
+                               bool gated, GateUp cols, ActParams<at::opmath_type<scalar_t>> p,
+                               scalar_t* __restrict__ grad_h, scalar_t* __restrict__ a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -238,10 +249,11 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
   for (int64_t j = lane; j < f; j += kWarp) {
     const acc_t grad = static_cast<acc_t>(g[j]);
     if (gated) {
+      const int64_t jg = cols.gate(j), ju = cols.up(j);
       acc_t grad_gate, grad_up, value;
-      gated_backward(p, grad, static_cast<acc_t>(h[j]), static_cast<acc_t>(h[f + j]), grad_gate, grad_up, value);
-      gh[j] = static_cast<scalar_t>(grad_gate);
-      gh[f + j] = static_cast<scalar_t>(grad_up);
+      gated_backward(p, grad, static_cast<acc_t>(h[jg]), static_cast<acc_t>(h[ju]), grad_gate, grad_up, value);
+      gh[jg] = static_cast<scalar_t>(grad_gate);
+      gh[ju] = static_cast<scalar_t>(grad_up);
       out[j] = static_cast<scalar_t>(value);
     } else {
       const acc_t x = static_cast<acc_t>(h[j]);
@@ -255,26 +267,26 @@ inline int64_t row_blocks(int64_t N) { return (N + kRowsPerBlock - 1) / kRowsPer
 
 template <typename scalar_t>
 void activation_forward_rows(at::Tensor& hidden, const at::Tensor& b1, const ExpertSchedule& s,
-                             const ActivationSpec& act, bool zero_padding_hidden, at::Tensor& a) {
+                             const ActivationSpec& act, bool interleaved, bool zero_padding_hidden, at::Tensor& a) {
   const int64_t N = hidden.size(0), F1 = hidden.size(1), f = a.size(1);
   if (N == 0) return;
   activation_forward_kernel<scalar_t>
       <<<grid_blocks(row_blocks(N), "x_sorted rows"), kWarp * kRowsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
           hidden.data_ptr<scalar_t>(), b1.defined() ? b1.data_ptr<scalar_t>() : nullptr,
-          s.offsets(), s.E, N, f, F1, is_gated(act), zero_padding_hidden,
+          s.offsets(), s.E, N, f, F1, is_gated(act), GateUp{f, interleaved}, zero_padding_hidden,
           act_params<scalar_t>(act), a.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void activation_backward_rows(const at::Tensor& grad_a, const at::Tensor& hidden, const ExpertSchedule& s,
-                              const ActivationSpec& act, at::Tensor& grad_h, at::Tensor& a) {
+                              const ActivationSpec& act, bool interleaved, at::Tensor& grad_h, at::Tensor& a) {
   const int64_t N = hidden.size(0), F1 = hidden.size(1), f = a.size(1);
   if (N == 0) return;
   activation_backward_kernel<scalar_t>
       <<<grid_blocks(row_blocks(N), "x_sorted rows"), kWarp * kRowsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad_a.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(), s.offsets(), s.E, N, f, F1,
-          is_gated(act), act_params<scalar_t>(act), grad_h.data_ptr<scalar_t>(),
+          is_gated(act), GateUp{f, interleaved}, act_params<scalar_t>(act), grad_h.data_ptr<scalar_t>(),
           a.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -22,6 +22,11 @@
 //   kernel or the epilogue. Bias gradients are per-expert column sums reduced in a fixed order.
 // - One fused elementwise kernel per direction covers every activation (activation_kernels.cuh);
 //   the backward one also recomputes act(hidden), which the weight gradient of w2 needs.
+// - Weights are read row-major: a transposed w1 / w2 (Hugging Face's GPT-OSS and Llama-4 layout)
+//   is copied by .contiguous() on every call for now, and its gradient copied back into the
+//   weight's layout (the strides the fake kernel's empty_like gives), which the CPU kernels
+//   avoid. Interleaved gate/up rows need no GEMM change (the GEMMs treat w1's rows opaquely):
+//   only the activation kernels map a gate/up column to its hidden column.
 // - All index math is int64; offsets are checked on the device (CUDA_KERNEL_ASSERT) and every
 //   kernel reads a clamped copy, so bad offsets cannot cause out-of-bounds accesses.
 #include <ATen/ATen.h>
@@ -152,6 +157,16 @@ at::Tensor library_grouped_mm(const at::Tensor& a, const at::Tensor& b, const Ex
   return at::_grouped_mm(a, b, s.ends).contiguous();
 }
 
+// A weight gradient in the layout at::empty_like gives the weight (as the fake kernel says); the
+// kernels above write row-major ones, so a transposed weight's gradient is copied.
+at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& weight) {
+  if (weight.is_contiguous() && weight.strides() == grad.strides()) return grad;
+  at::Tensor out = at::empty_like(weight, at::MemoryFormat::Preserve);
+  if (out.strides() == grad.strides()) return grad;
+  out.copy_(grad);
+  return out;
+}
+
 // --- ops -------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x_in, const at::Tensor& offsets_in,
@@ -159,9 +174,9 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x_in, const
                                                    c10::string_view activation,
                                                    const c10::optional<at::Tensor>& b1_in,
                                                    const c10::optional<at::Tensor>& b2_in, double swiglu_alpha,
-                                                   double swiglu_limit) {
+                                                   double swiglu_limit, bool gate_up_interleaved) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
-  const FfnDims s = check_ffn_shapes(x_in, offsets_in, w1_in, w2_in, act, b1_in, b2_in);
+  const FfnDims s = check_ffn_shapes(x_in, offsets_in, w1_in, w2_in, act, b1_in, b2_in, gate_up_interleaved);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
@@ -174,13 +189,14 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x_in, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_ffn_cuda", [&] {
     if (library) {
       hidden = library_grouped_mm(x, w1.transpose(1, 2), sched);
-      activation_forward_rows<scalar_t>(hidden, b1, sched, act, /*zero_padding_hidden=*/true, a);
+      activation_forward_rows<scalar_t>(hidden, b1, sched, act, gate_up_interleaved, /*zero_padding_hidden=*/true, a);
       y = library_grouped_mm(a, w2.transpose(1, 2), sched);
       finish_rows<scalar_t>(y, b2, sched);
     } else {
       hidden = at::empty({s.N, s.F1}, x.options());
       grouped_rows_gemm<scalar_t>(x, w1, /*w_is_out_by_k=*/true, b1, sched, hidden, "w1");
-      activation_forward_rows<scalar_t>(hidden, at::Tensor(), sched, act, /*zero_padding_hidden=*/false, a);
+      activation_forward_rows<scalar_t>(hidden, at::Tensor(), sched, act, gate_up_interleaved,
+                                          /*zero_padding_hidden=*/false, a);
       y = at::empty({s.N, s.d}, x.options());
       grouped_rows_gemm<scalar_t>(a, w2, /*w_is_out_by_k=*/true, b2, sched, y, "w2");
     }
@@ -191,9 +207,10 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& w1_in,
     const at::Tensor& w2_in, const at::Tensor& hidden_in, c10::string_view activation, double swiglu_alpha,
-    double swiglu_limit, bool bias_grads) {
+    double swiglu_limit, bool bias_grads, bool gate_up_interleaved) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
-  const FfnDims s = check_ffn_shapes(x_in, offsets_in, w1_in, w2_in, act, c10::nullopt, c10::nullopt);
+  const FfnDims s = check_ffn_shapes(x_in, offsets_in, w1_in, w2_in, act, c10::nullopt, c10::nullopt,
+                                     gate_up_interleaved);
   check_ffn_backward_inputs(grad_y_in, x_in, hidden_in, s);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
@@ -211,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     if (library) {
       // Rows of grad_a past offsets[E] are unspecified; the activation pass reads expert rows only.
       const at::Tensor grad_a = library_grouped_mm(gy, w2, sched);
-      activation_backward_rows<scalar_t>(grad_a, hidden, sched, act, grad_h, a);
+      activation_backward_rows<scalar_t>(grad_a, hidden, sched, act, gate_up_interleaved, grad_h, a);
       grad_x = library_grouped_mm(grad_h, w1, sched);
       finish_rows<scalar_t>(grad_x, at::Tensor(), sched);
       grad_w2 = library_grouped_mm(gy.t(), a, sched);
@@ -221,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     } else {
       at::Tensor grad_a = at::empty({s.N, s.f}, x.options());
       grouped_rows_gemm<scalar_t>(gy, w2, /*w_is_out_by_k=*/false, at::Tensor(), sched, grad_a, "w2");
-      activation_backward_rows<scalar_t>(grad_a, hidden, sched, act, grad_h, a);
+      activation_backward_rows<scalar_t>(grad_a, hidden, sched, act, gate_up_interleaved, grad_h, a);
       grad_x = at::empty({s.N, s.d}, x.options());
       grouped_rows_gemm<scalar_t>(grad_h, w1, /*w_is_out_by_k=*/false, at::Tensor(), sched, grad_x, "w1");
       grad_w2 = at::empty({s.E, s.d, s.f}, x.options());
@@ -234,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
       expert_column_sums<scalar_t>(grad_h, sched, grad_b1, "b1");
     }
   });
-  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
+  return {grad_x, in_layout_of(grad_w1, w1_in), in_layout_of(grad_w2, w2_in), grad_b1, grad_b2};
 }
 
 }  // namespace

@@ -130,28 +130,49 @@ torch.library.register_autograd("sparsemoe::dispatch", _dispatch_backward, setup
 
 def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
                activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
-               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
-    """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d]."""
-    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit)[0]
+               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+               gate_up_interleaved: bool = False) -> Tensor:
+    """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d].
+
+    w1 [E, F1, d] and w2 [E, d, f] may be transposed views, such as Hugging Face's
+    ``gate_up_proj.transpose(1, 2)`` and ``down_proj.transpose(1, 2)``: the CPU kernels read them
+    in place and give their gradients the same strides. ``gate_up_interleaved`` says w1's (and
+    b1's) gate and up rows alternate (row 2c gate c, row 2c+1 up c, GPT-OSS) instead of forming
+    [gate | up] halves; it needs a gated activation.
+    """
+    return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit,
+                           gate_up_interleaved)[0]
+
+
+def _check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
+    torch._check(not gate_up_interleaved or activation in GATED_ACTIVATIONS,
+                 lambda: f"gate_up_interleaved: expected False for the ungated activation '{activation}' "
+                         f"(only 'swiglu' and 'clamped_swiglu' have gate and up rows), got True")
 
 
 @torch.library.register_fake("sparsemoe::expert_ffn")
-def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0):
+def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0,
+      gate_up_interleaved=False):
     _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2),
                        ("b1", b1), ("b2", b2))
+    _check_gate_up_layout(activation, gate_up_interleaved)
     return x_sorted.new_empty(x_sorted.shape), x_sorted.new_empty((x_sorted.shape[0], w1.shape[1]))
 
 
 @torch.library.register_fake("sparsemoe::expert_ffn_backward")
-def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha, swiglu_limit, bias_grads):
+def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha, swiglu_limit, bias_grads,
+      gate_up_interleaved=False):
+    _check_gate_up_layout(activation, gate_up_interleaved)
     E = w1.shape[0] if bias_grads else 0
-    return (torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w2),
+    # The weight gradients take the weights' strides (a transposed weight, a transposed gradient),
+    # grad_x is a fresh row-major buffer whatever x_sorted's strides.
+    return (x_sorted.new_empty(x_sorted.shape), torch.empty_like(w1), torch.empty_like(w2),
             w1.new_empty((E, w1.shape[1])), w1.new_empty((E, w2.shape[1])))
 
 
 def _expert_ffn_setup(ctx, inputs, output):
-    x_sorted, offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit = inputs
-    ctx.options = (activation, swiglu_alpha, swiglu_limit)
+    x_sorted, offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit, gate_up_interleaved = inputs
+    ctx.options = (activation, swiglu_alpha, swiglu_limit, gate_up_interleaved)
     ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x_sorted, offsets, w1, w2, output[1])
@@ -159,12 +180,12 @@ def _expert_ffn_setup(ctx, inputs, output):
 
 def _expert_ffn_backward(ctx, grad_y, grad_hidden):
     x_sorted, offsets, w1, w2, hidden = ctx.saved_tensors
-    activation, alpha, limit = ctx.options
+    activation, alpha, limit, gate_up_interleaved = ctx.options
     has_b1, has_b2 = ctx.has_bias
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2 = _ops.expert_ffn_backward(
-        grad_y, x_sorted, offsets, w1, w2, hidden, activation, alpha, limit, has_b1 or has_b2)
+        grad_y, x_sorted, offsets, w1, w2, hidden, activation, alpha, limit, has_b1 or has_b2, gate_up_interleaved)
     return (grad_x, None, grad_w1, grad_w2, None, grad_b1 if has_b1 else None, grad_b2 if has_b2 else None,
-            None, None)
+            None, None, None)
 
 
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,

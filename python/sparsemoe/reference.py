@@ -134,19 +134,36 @@ def gated_activation(gate: Tensor, up: Tensor, name: str, swiglu_alpha: float = 
     return (up + 1) * gate * torch.sigmoid(swiglu_alpha * gate)
 
 
-def apply_activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+def check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
+    """Interleaved gate/up rows need an activation with a gate and an up half."""
+    if gate_up_interleaved and activation not in ("swiglu", "clamped_swiglu"):
+        raise ValueError(f"gate_up_interleaved: expected False for the ungated activation '{activation}' "
+                         f"(only 'swiglu' and 'clamped_swiglu' have gate and up rows), got True")
+
+
+def apply_activation(h: Tensor, name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                     gate_up_interleaved: bool = False) -> Tensor:
+    """act(h); a gated activation reads gate and up as h's [gate | up] halves, or with
+    gate_up_interleaved as its even and odd columns (GPT-OSS: ``h[..., ::2], h[..., 1::2]``)."""
     if name in ("swiglu", "clamped_swiglu"):
-        gate, up = h.chunk(2, dim=-1)
+        if gate_up_interleaved:
+            gate, up = h[..., ::2], h[..., 1::2]
+        else:
+            gate, up = h.chunk(2, dim=-1)
         return gated_activation(gate, up, name, swiglu_alpha, swiglu_limit)
+    check_gate_up_layout(name, gate_up_interleaved)
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[name](h)
 
 
 def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
                activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
-               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+               swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+               gate_up_interleaved: bool = False) -> Tensor:
     """y[r] = act(x[r] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e] for the rows r of expert e; rows past
-    expert_offsets[E] (capacity padding) are 0."""
+    expert_offsets[E] (capacity padding) are 0. With gate_up_interleaved the gate and up rows of
+    w1 and b1 alternate (row 2c gate c, row 2c+1 up c) instead of forming [gate | up] halves."""
+    check_gate_up_layout(activation, gate_up_interleaved)  # also when no expert has rows
     y = x_sorted.new_zeros(x_sorted.shape[0], w2.shape[1])
     for e in range(w1.shape[0]):
         lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
@@ -154,7 +171,7 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
             h = x_sorted[lo:hi] @ w1[e].T
             if b1 is not None:
                 h = h + b1[e]
-            out = apply_activation(h, activation, swiglu_alpha, swiglu_limit) @ w2[e].T
+            out = apply_activation(h, activation, swiglu_alpha, swiglu_limit, gate_up_interleaved) @ w2[e].T
             if b2 is not None:
                 out = out + b2[e]
             y[lo:hi] = out
