@@ -489,3 +489,7 @@ def test_transformers4_model_patched(transformers4_results):
     r = transformers4_results[1]["patched_model"]
     assert r["patched"] == ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"], r
     assert r["logits_rel_err"] <= 1e-5 and r["aux_loss_rel_err"] <= 1e-5 and r["same_tokens"], r
+
+
+def test_transformers4_jitter_falls_back(transformers4_results):
+    assert transformers4_results[1]["jitter_fallback"]["warned"]

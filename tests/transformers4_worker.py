@@ -173,11 +173,25 @@ def check_patched_model() -> dict:
             "aux_loss_rel_err": rel_err(got.aux_loss, want.aux_loss), "same_tokens": torch.equal(tokens_got, tokens_want)}
 
 
+def check_jitter_falls_back() -> dict:
+    """A 4.x Mixtral block training with router jitter (which scales its input in place) runs its
+    own computation, with a warning."""
+    import warnings
+    block, config = make_block("mixtral", 3)
+    block.jitter_noise = 0.1
+    block.train()
+    patch_moe_blocks(block, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        block(torch.randn(SHAPE))
+    return {"warned": any("router jitter" in str(w.message) for w in caught)}
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     results = {"transformers": T.__version__, "families": {f: check(f, out_dir) for f in CONFIGS},
                "patched": {f: check_patched(f) for f in CONFIGS},
-               "patched_model": check_patched_model()}
+               "patched_model": check_patched_model(), "jitter_fallback": check_jitter_falls_back()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
