@@ -151,20 +151,36 @@ def experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
     return run_experts(module, plan, hidden_states, top_k_index, top_k_weights)
 
 
+def routed_ffn(x: Tensor, ids: Tensor, weights: Tensor | None, w1: Tensor, w2: Tensor, activation: str, *,
+               b1: Tensor | None = None, b2: Tensor | None = None, swiglu_alpha: float = 1.702,
+               swiglu_limit: float = 7.0, gate_up_interleaved: bool = False, weights_on_input: bool = False,
+               capacity: int = -1, token_groups: int = 1) -> Tensor:
+    """dispatch -> expert_ffn -> combine for x [T, d] routed to ids [T, k] with weights [T, k],
+    in w1's dtype. The one data path of the experts backend and of the patched blocks."""
+    E = w1.shape[0]
+    x, ids = x.to(w1.dtype), ids.to(torch.int64)
+    w = None if weights is None else weights.to(ops.opmath_dtype(x.dtype))
+    ffn = dict(activation=activation, b1=b1, b2=b2, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+               gate_up_interleaved=gate_up_interleaved)
+    if weights_on_input:  # Llama-4 scales each expert's input by its router score
+        plan, offsets, slot = ops.dispatch(x[:, :0], ids, E, capacity=capacity, token_groups=token_groups)
+        rows = ops.scatter_rows(x, slot, w, plan.shape[0])
+        return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, **ffn), slot, None)
+    rows, offsets, slot = ops.dispatch(x, ids, E, capacity=capacity, token_groups=token_groups)
+    return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, **ffn), slot, w)
+
+
 def run_experts(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
                 top_k_weights: Tensor) -> Tensor:
-    """dispatch -> expert_ffn -> combine on `module`'s weights, read in place as `plan` says."""
+    """The experts of `module` on its weights, read in place as `plan` says."""
     device_type = hidden_states.device.type
     weights_dtype = (module.gate_up_proj if plan.gated else module.up_proj).dtype
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weights_dtype
     w1, w2, b1, b2 = _weights(module, plan, dtype)
-    x = hidden_states.to(dtype)
-    x_sorted, offsets, slot = ops.dispatch(x, top_k_index.to(torch.int64), w1.shape[0])
-    options = dict(gate_up_interleaved=True) if plan.interleaved else {}
-    y = ops.expert_ffn(x_sorted, offsets, w1, w2, activation=plan.activation, b1=b1, b2=b2,
-                       swiglu_alpha=plan.swiglu_alpha, swiglu_limit=plan.swiglu_limit, **options)
-    out = ops.combine(y, slot, top_k_weights.to(ops.opmath_dtype(dtype)))
+    out = routed_ffn(hidden_states, top_k_index, top_k_weights, w1, w2, plan.activation, b1=b1, b2=b2,
+                     swiglu_alpha=plan.swiglu_alpha, swiglu_limit=plan.swiglu_limit,
+                     gate_up_interleaved=plan.interleaved)
     return out.to(hidden_states.dtype)
 
 
@@ -193,4 +209,4 @@ def experts_plan(model: nn.Module) -> dict[str, ExpertsPlan | str]:
 
 
 __all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "register", "experts_forward", "experts_plan", "plan_for",
-           "run_experts"]
+           "routed_ffn", "run_experts"]

@@ -26,26 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .hf_experts import ExpertsPlan, run_experts
+from .hf_experts import ExpertsPlan, routed_ffn, run_experts
 from .hf import _PER_EXPERT_DEFAULT, _PER_EXPERT_NAMES, _PLAIN_ACTIVATIONS, PER_EXPERT, detect_layout, family_of, layer_options
 
 _MARK = "_sparsemoe_patched"  # the instance attribute names a patch replaced
 _PER_EXPERT_4X = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
-
-
-def _experts(x: Tensor, ids: Tensor, weights: Tensor | None, w1: Tensor, w2: Tensor, activation: str, *,
-             weights_on_input: bool = False, capacity: int = -1, token_groups: int = 1) -> Tensor:
-    """dispatch -> expert_ffn -> combine for x [T, d] routed to ids [T, k] with weights [T, k]."""
-    E = w1.shape[0]
-    x = x.to(w1.dtype)
-    ids = ids.to(torch.int64)
-    w = None if weights is None else weights.to(ops.opmath_dtype(x.dtype))
-    if weights_on_input:  # Llama-4 scales each expert's input by its router score
-        plan, offsets, slot = ops.dispatch(x[:, :0], ids, E, capacity=capacity, token_groups=token_groups)
-        rows = ops.scatter_rows(x, slot, w, plan.shape[0])
-        return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, activation=activation), slot, None)
-    rows, offsets, slot = ops.dispatch(x, ids, E, capacity=capacity, token_groups=token_groups)
-    return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, activation=activation), slot, w)
 
 
 def _stacked_gated(experts: nn.ModuleList, family: str) -> tuple[Tensor, Tensor]:
@@ -66,7 +51,7 @@ def _llama4_forward(self, hidden_states: Tensor):
     ids = torch.topk(router_logits, self.top_k, dim=1).indices
     weights = router_scores.gather(1, ids)
     w1, w2 = self.experts.gate_up_proj.transpose(1, 2), self.experts.down_proj.transpose(1, 2)
-    routed = _experts(x, ids, weights, w1, w2, "swiglu", weights_on_input=True)
+    routed = routed_ffn(x, ids, weights, w1, w2, "swiglu", weights_on_input=True)
     out = self.shared_expert(x)
     return out + routed.to(out.dtype), router_logits
 
@@ -91,7 +76,7 @@ def _switch_forward(self, hidden_states: Tensor):
     w1 = torch.stack([e.wi.weight for e in experts])
     w2 = torch.stack([e.wo.weight for e in experts])
     act = _PLAIN_ACTIVATIONS[self._sparsemoe_activation]
-    out = _experts(hidden_states.reshape(-1, d), ids, routing_weights.reshape(-1, 1), w1, w2, act,
+    out = routed_ffn(hidden_states.reshape(-1, d), ids, routing_weights.reshape(-1, 1), w1, w2, act,
                    capacity=min(int(router.expert_capacity), S), token_groups=B)
     out = out.to(hidden_states.dtype).reshape(B, S, d)
     if self._sparsemoe_v4:  # transformers 4.x also returns the routing
@@ -134,7 +119,7 @@ def _per_expert_forward(self, hidden_states: Tensor):
     router_logits = self.gate(x)
     weights, ids = ops.route(router_logits, cfg.top_k, renormalize=cfg.renormalize, scoring=cfg.scoring)
     w1, w2 = _stacked_gated(self.experts, self._sparsemoe_family)
-    out = _experts(x, ids, weights, w1, w2, "swiglu").to(hidden_states.dtype)
+    out = routed_ffn(x, ids, weights, w1, w2, "swiglu").to(hidden_states.dtype)
     if getattr(self, "shared_expert", None) is not None:  # Qwen2-MoE
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
     return out.reshape(B, S, d), router_logits
@@ -142,7 +127,7 @@ def _per_expert_forward(self, hidden_states: Tensor):
 
 def _deepseek_moe(self, hidden_states: Tensor, topk_indices: Tensor, topk_weights: Tensor) -> Tensor:
     w1, w2 = _stacked_gated(self.experts, "deepseek_v3")
-    return _experts(hidden_states, topk_indices, topk_weights, w1, w2, "swiglu").to(hidden_states.dtype)
+    return routed_ffn(hidden_states, topk_indices, topk_weights, w1, w2, "swiglu").to(hidden_states.dtype)
 
 
 def _per_expert_reason(block: nn.Module) -> str | None:
