@@ -348,6 +348,25 @@ def test_other_fallback_reasons(checkpoints):
     assert "post" in hf.experts_plan(model)["model.layers.0.mlp.experts"]
 
 
+def test_custom_gate_and_quantized_weights_fall_back(checkpoints):
+    model = load(checkpoints["mixtral"], "mixtral", "sparsemoe")
+    experts = model.model.layers[0].mlp.experts
+    name = "model.layers.0.mlp.experts"
+
+    class OwnGate(type(experts)):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.tanh(gate) * up
+
+    experts.__class__ = OwnGate
+    assert "_apply_gate" in hf.experts_plan(model)[name]
+    experts.__class__ = OwnGate.__mro__[1]
+    assert isinstance(hf.experts_plan(model)[name], ExpertsPlan)
+    with torch.no_grad():
+        experts.down_proj = nn.Parameter(experts.down_proj.to(torch.int8), requires_grad=False)
+    assert "quantized" in hf.experts_plan(model)[name]
+
+
 def test_switch_dropout_in_training_falls_back(checkpoints):
     model = load(checkpoints["switch_transformers"], "switch_transformers", "sparsemoe")
     model.train()
