@@ -99,8 +99,11 @@ def forward_step(fn, x):
 
 
 def train_step(fn, x, leaves, g):
-    """One forward+backward of (fn(x) * g).sum() into x and every leaf."""
+    """One forward+backward of (fn(x) * g).sum() into x and every leaf. sparsemoe's packed weights
+    are dropped first, as an optimizer step would make them stale, so packing counts in the step."""
     def step():
+        if isinstance(fn, sparsemoe.MoELayer):
+            fn.clear_packed_weights()
         for t in leaves:
             t.grad = None
         (fn(x) * g).sum().backward()
@@ -212,6 +215,7 @@ def bench_config(shape: Shape, T: int, dtype: torch.dtype, grouped_ok: dict, arg
     results = []
     for pass_ in ("fwd", "fwd+bwd"):
         row = {"shape": shape, "T": T, "dtype": dtype, "pass": pass_, "few_runs": False, "peak": {},
+               "peak_gflops": bench_report.peak_for(args.peaks, dtype),
                "read_ms": read_ms if T <= DECODE_MAX_T and pass_ == "fwd" else None}
         steps = {}
         for impl in IMPLS:
@@ -332,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     args.runs = args.runs or (3 if args.quick else 10)
 
     start = time.perf_counter()
+    args.peaks = None
+    if args.device == "cpu":
+        import peak_probe
+        args.peaks = peak_probe.peaks()
+        print(f"peaks: {bench_report.peaks_line(args.peaks)}", flush=True)
     bandwidth = copy_bandwidth(args.device)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)", flush=True)
     print(bench_report.table_header(), flush=True)

@@ -12,7 +12,7 @@ import torch
 import sparsemoe
 
 COLUMNS = ["shape", "T", "dtype", "pass", "sparsemoe ms", "HF-loop ms", "grouped_mm ms", "dense ms", "eta",
-           "x HF loop", "x grouped_mm", "GFLOP/s", "peak MiB: sparsemoe / HF / grouped_mm", "t / t_read"]
+           "x HF loop", "x grouped_mm", "GFLOP/s", "% of peak", "peak MiB: sparsemoe / HF / grouped_mm", "t / t_read"]
 
 
 def table_header() -> str:
@@ -36,7 +36,9 @@ def format_row(r: dict) -> str:
              r["pass"] + (" †" if r["few_runs"] else ""),
              ms(r["sparsemoe"]), ms(r["hf_loop"]), ms(r["grouped_mm"]), ms(r["dense"]),
              ratio(r["dense"], r["sparsemoe"]), ratio(r["hf_loop"], r["sparsemoe"]),
-             ratio(r["grouped_mm"], r["sparsemoe"]), f"{flops / r['sparsemoe'] / 1e6:.1f}", peak_cell,
+             ratio(r["grouped_mm"], r["sparsemoe"]), f"{flops / r['sparsemoe'] / 1e6:.1f}",
+             f"{100 * flops / r['sparsemoe'] / 1e6 / r['peak_gflops']:.0f}" if r.get("peak_gflops") else "n/a",
+             peak_cell,
              ratio(r["sparsemoe"], r["read_ms"]) if r["read_ms"] else ""]
     return "| " + " | ".join(map(str, cells)) + " |"
 
@@ -58,6 +60,23 @@ def machine_info(device: str) -> list[str]:
     return lines
 
 
+def peak_for(peaks: dict | None, dtype: torch.dtype) -> float | None:
+    """The all-threads peak a row of `dtype` is measured against: bfloat16 against the vdpbf16ps
+    peak where the CPU has it, else (its GEMMs then run as float32 FMAs) the float32 FMA peak."""
+    if not peaks:
+        return None
+    return (peaks.get("bf16_all") or peaks["fp32_all"]) if dtype == torch.bfloat16 else peaks["fp32_all"]
+
+
+def peaks_line(peaks: dict | None) -> str:
+    if not peaks:
+        return "not measured"
+    gf = lambda v: "none (no vdpbf16ps)" if v is None else f"{v:.0f} GFLOP/s"
+    return (f"float32 FMA {gf(peaks['fp32_1'])} on one thread, {gf(peaks['fp32_all'])} on all; bfloat16 "
+            f"{gf(peaks['bf16_1'])} on one thread, {gf(peaks['bf16_all'])} on all"
+            + ("" if peaks["bf16_all"] else " (bfloat16 rows are measured against the float32 peak)"))
+
+
 def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float, elapsed_s: float,
                    slow_run_s: float, slow_runs: int) -> str:
     lines = [f"# sparsemoe MoE layer, {args.device.upper()}", ""] + machine_info(args.device) + [
@@ -75,6 +94,11 @@ def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float
         "sparsemoe ms includes the layer's aux loss and statistics.",
         "- peak MiB: the most memory one forward+backward step allocates on top of the inputs and parameters "
         "(CPU: the allocator's events in torch.profiler; GPU: max_memory_allocated), for T >= 512.",
+        "- % of peak: sparsemoe's GFLOP/s over the machine's own peak on all threads, measured in this run by "
+        f"benchmarks/peak_probe.py: {peaks_line(args.peaks)}.",
+        "- packed weights: forward rows reuse the layer's packed copy of the expert weights (inference); every "
+        "fwd+bwd step of sparsemoe drops it first, as an optimizer step would, so a step that packs pays for "
+        "packing in its time and its peak memory (float32 training runs unpacked, bfloat16 packs).",
         f"- t / t_read (forward, T <= 32): sparsemoe's time over the time to read the router and the hit experts' "
         f"weights once at the bandwidth of a 256 MiB in-process copy_ ({bandwidth / 1e9:.1f} GB/s, read + write "
         "bytes).",

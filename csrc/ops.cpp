@@ -9,6 +9,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/packed_weights.h"
+
 TORCH_LIBRARY(sparsemoe, m) {
   // Token-choice routing, every scheme as options of one op. Scores: softmax over all E experts,
   // sigmoid per expert, or (softmax_topk) the logits, whose softmax runs over the k picked ones.
@@ -60,7 +62,12 @@ TORCH_LIBRARY(sparsemoe, m) {
   // swiglu_limit parametrise 'clamped_swiglu' (GPT-OSS).
   m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation, "
         "Tensor? b1=None, Tensor? b2=None, float swiglu_alpha=1.702, float swiglu_limit=7.0, "
-        "bool gate_up_interleaved=False) -> (Tensor y, Tensor hidden)");
+        "bool gate_up_interleaved=False, Tensor? packed=None) -> (Tensor y, Tensor hidden)");
+  // The expert weights packed once for the CPU micro-kernel (float32 column panels, see
+  // cpu/packed_weights.h) -> packed [E, F1*d + d*f]. expert_ffn(..., packed=) on CPU then reads
+  // the panels instead of w1 and w2 for its forward; it is the caller's job to repack after the
+  // weights change (MoELayer keys its cache on the parameters' versions).
+  m.def("pack_expert_weights(Tensor w1, Tensor w2, str activation, bool gate_up_interleaved=False) -> Tensor");
   // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
   // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias
   // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.
@@ -73,6 +80,8 @@ TORCH_LIBRARY(sparsemoe, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "sparsemoe compiled kernels; importing this module registers torch.ops.sparsemoe";
   module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
+  // Whether pack_expert_weights' path runs oneDNN's micro-kernel here (built and probed).
+  module.def("packed_kernels_available", &sparsemoe::panel_gemm_is_microkernel);
 #if defined(SPARSEMOE_SANITIZED)
   module.attr("sanitized") = pybind11::bool_(true);
 #else

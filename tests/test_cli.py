@@ -122,6 +122,8 @@ def test_info(capsys):
     assert "avx512f" in out and "avx512_bf16" in out and "amx_bf16" in out
     assert ("CUDA kernels: built" if sparsemoe._C.with_cuda else "CUDA kernels: not built") in out
     assert f"torch.get_num_threads() = {torch.get_num_threads()}" in out
+    assert ("CPU packed expert weights: oneDNN micro-kernel" if sparsemoe.ops.packed_kernels_available()
+            else "CPU packed expert weights: off") in out
     assert "OpenMP" in out or "ATen/Parallel" in out
 
 

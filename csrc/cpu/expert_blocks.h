@@ -26,26 +26,26 @@ struct Block {
   int64_t cost;    // relative work, for the split over threads
 };
 
-// Column blocks cover [0, cols) in steps that are multiples of 16 elements (whole cache lines
-// in every dtype), at least min_cols wide, and as many per expert as it takes to give every
-// thread several blocks to balance with.
-inline int64_t column_step(int64_t cols, int64_t busy_experts, int64_t min_cols) {
+// Column blocks cover [0, cols) in steps that are multiples of `align` elements (16: whole
+// cache lines in every dtype; the packed path's panel width), at least min_cols wide, and as
+// many per expert as it takes to give every thread several blocks to balance with.
+inline int64_t column_step(int64_t cols, int64_t busy_experts, int64_t min_cols, int64_t align = 16) {
   const int64_t threads = at::get_num_threads();
   const int64_t wanted = std::max<int64_t>(1, (8 * threads + busy_experts - 1) / std::max<int64_t>(busy_experts, 1));
   const int64_t max_blocks = std::max<int64_t>(1, cols / std::max<int64_t>(min_cols, 1));
   const int64_t blocks = std::min(wanted, max_blocks);
   const int64_t step = (cols + blocks - 1) / blocks;
-  return std::min(cols, (step + 15) / 16 * 16);
+  return std::min(cols, (step + align - 1) / align * align);
 }
 
 // Blocks (expert, column block) for every expert that owns rows, in expert order. `k` is the
 // reduction length of the block's GEMM: a block costs its rows' multiply-adds plus the
 // reading of its weight slice, which dominates when an expert has only a few rows.
 inline std::vector<Block> expert_blocks(const int64_t* offsets, int64_t E, int64_t cols, int64_t k,
-                                        int64_t min_cols = 64) {
+                                        int64_t min_cols = 64, int64_t align = 16) {
   int64_t busy = 0;
   for (int64_t e = 0; e < E; ++e) busy += offsets[e + 1] > offsets[e];
-  const int64_t step = column_step(cols, busy, min_cols);
+  const int64_t step = column_step(cols, busy, min_cols, align);
   std::vector<Block> blocks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = offsets[e + 1] - offsets[e];

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -21,9 +22,12 @@
 #include "ffn_checks.h"
 #include "cpu/activation_kernels.h"
 #include "cpu/expert_blocks.h"
+#include "cpu/expert_ffn_packed.h"
 #include "cpu/few_rows_gemm.h"
 #include "cpu/fresh_buffers.h"
+#include "cpu/hidden_block.h"
 #include "cpu/index_checks.h"
+#include "cpu/packed_weights.h"
 
 namespace sparsemoe {
 namespace {
@@ -102,10 +106,12 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
                                                   c10::string_view activation,
                                                   const c10::optional<at::Tensor>& b1_in,
                                                   const c10::optional<at::Tensor>& b2_in, double swiglu_alpha,
-                                                  double swiglu_limit, bool gate_up_interleaved) {
+                                                  double swiglu_limit, bool gate_up_interleaved,
+                                                  const c10::optional<at::Tensor>& packed) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
   const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in, gate_up_interleaved);
+  if (packed.has_value()) check_packed(*packed, x_in, s.E, PackedLayout(s.d, s.f, is_gated(act) ? 2 : 1));
   const int64_t M = check_offsets_values(offsets, s.N);  // rows M..N are capacity padding
   const at::Tensor x = x_in.contiguous();
   const ExpertWeight w1 = expert_weight(w1_in), w2 = expert_weight(w2_in);
@@ -115,12 +121,25 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   at::Tensor a = empty_large({M, s.f}, x.options());
   at::Tensor y = empty_large({s.N, s.d}, x.options());
   const int64_t* o = offsets.data_ptr<int64_t>();
+  const PackedFfn pf{x, packed.value_or(at::Tensor()), b1, b2, hidden, a, y, s,
+                     PackedLayout(s.d, s.f, gated ? 2 : 1), act, gate_up_interleaved};
+  // With packed weights, blocks run on the panels, except few-row blocks of reduced-precision
+  // experts: their original weights are half the bytes of the float32 panels, and reading the
+  // weights is all such a block costs.
+  const bool reduced = at::isReducedFloatingType(x.scalar_type());
+  const auto on_panels = [&](const Block& b) { return pf.packed.defined() && !(reduced && b.n <= kFewRows); };
+  const int64_t align1 = pf.packed.defined() ? pf.layout.pw1 : 16, align2 = pf.packed.defined() ? pf.layout.pw2 : 16;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {
     const scalar_t* bias1 = b1.defined() ? b1.data_ptr<scalar_t>() : nullptr;
+    constexpr bool kPackable = !std::is_same_v<scalar_t, double>;  // check_packed refuses float64
     // First projection and activation, by blocks of activation columns: a gated block computes
     // its gate and up columns, so the activation needs nothing outside the block.
-    for_each_block("sparsemoe::expert_ffn gemm1+act", expert_blocks(o, s.E, s.f, s.d), [&](const Block& b) {
+    const auto blocks1 = expert_blocks(o, s.E, s.f, s.d, /*min_cols=*/64, align1);
+    for_each_block("sparsemoe::expert_ffn gemm1+act", blocks1, [&](const Block& b) {
+      if constexpr (kPackable) {
+        if (on_panels(b)) return packed_gemm1_block<scalar_t>(pf, b);
+      }
       if (gate_up_interleaved) {
         // The block's gate and up columns are hidden columns [2c0, 2c0 + 2cn), in w1's order.
         const int64_t h0 = 2 * b.c0, hn = 2 * b.cn;
@@ -132,11 +151,7 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
           linear_into(hidden.narrow(0, b.r0, b.n).narrow(1, h0, hn), rows_for(x.narrow(0, b.r0, b.n), w1),
                       w1.t[b.e].narrow(0, h0, hn).t(), slice_or_undefined(b1, b.e, h0, hn));
         }
-        at::Tensor halves = at::empty({b.n, hn}, x.options());  // [gate | up] of the block
-        scalar_t* g = halves.data_ptr<scalar_t>();
-        split_gate_up<scalar_t>(row_ptr<scalar_t>(hidden, b.r0, h0), s.F1, g, hn, b.n, b.cn);
-        activation_forward_block<scalar_t>(act, {g, g + b.cn, hn}, {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f},
-                                           b.n, b.cn);
+        activate_hidden_block<scalar_t>(act, hidden, a, b.r0, b.n, b.c0, b.cn, /*gate_up_interleaved=*/true);
         return;
       }
       if (b.n <= kFewRows) {
@@ -156,12 +171,14 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
                       slice_or_undefined(b1, b.e, c0, b.cn));
         }
       }
-      const scalar_t* g = row_ptr<scalar_t>(hidden, b.r0, b.c0);
-      activation_forward_block<scalar_t>(act, {g, gated ? g + s.f : nullptr, s.F1},
-                                         {row_ptr<scalar_t>(a, b.r0, b.c0), nullptr, s.f}, b.n, b.cn);
+      activate_hidden_block<scalar_t>(act, hidden, a, b.r0, b.n, b.c0, b.cn, /*gate_up_interleaved=*/false);
     });
     // Second projection, by blocks of output columns.
-    for_each_block("sparsemoe::expert_ffn gemm2", expert_blocks(o, s.E, s.d, s.f), [&](const Block& b) {
+    const auto blocks2 = expert_blocks(o, s.E, s.d, s.f, /*min_cols=*/64, align2);
+    for_each_block("sparsemoe::expert_ffn gemm2", blocks2, [&](const Block& b) {
+      if constexpr (kPackable) {
+        if (on_panels(b)) return packed_gemm2_block<scalar_t>(pf, b);
+      }
       if (b.n <= kFewRows) {
         few_rows_linear<scalar_t>(row_ptr<scalar_t>(a, b.r0, 0), s.f, w2, b.e, b.c0, /*second=*/0,
                                   b2.defined() ? b2.data_ptr<scalar_t>() + b.e * s.d + b.c0 : nullptr,

@@ -174,9 +174,13 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x_in, const
                                                    c10::string_view activation,
                                                    const c10::optional<at::Tensor>& b1_in,
                                                    const c10::optional<at::Tensor>& b2_in, double swiglu_alpha,
-                                                   double swiglu_limit, bool gate_up_interleaved) {
+                                                   double swiglu_limit, bool gate_up_interleaved,
+                                                   const c10::optional<at::Tensor>& packed) {
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const FfnDims s = check_ffn_shapes(x_in, offsets_in, w1_in, w2_in, act, b1_in, b2_in, gate_up_interleaved);
+  // The packed panels are the CPU micro-kernel's layout; the CUDA kernels read w1 and w2.
+  TORCH_CHECK(!packed.has_value(), "packed: expected None on CUDA (pack_expert_weights is for the CPU "
+              "kernels), got a tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();

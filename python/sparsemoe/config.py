@@ -86,11 +86,14 @@ class MoEConfig:
     shared_expert_d_ff: int = 0
     shared_expert_gate: bool = False            # out += sigmoid(x . g) * shared(x) (Qwen2-MoE)
 
-    # --- expert parallelism (sparsemoe.distributed). How the layer runs, not what it computes:
-    # these two are not serialised (to_dict, checkpoints) nor compared, so a checkpoint moves
+    # --- how the layer runs, not what it computes (expert parallelism: sparsemoe.distributed):
+    # these are not serialised (to_dict, checkpoints) nor compared, so a checkpoint moves
     # between world sizes and the configs of all ranks compare equal.
     expert_parallel_group: Any = field(default=None, compare=False, metadata=RUNTIME)  # ProcessGroup / 1-D DeviceMesh
     pad_to_capacity: bool = field(default=False, compare=False, metadata=RUNTIME)  # fixed [E, C] buffers
+    # CPU: keep the expert weights packed for the GEMM micro-kernel (ops.pack_expert_weights), one
+    # more float32 copy of them, rebuilt when they change. False for memory-bound cases.
+    packed_weights: bool = field(default=True, compare=False, metadata=RUNTIME)
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts"):

@@ -64,6 +64,7 @@ class MoELayer(nn.Module):
         self.router_logits: Tensor | None = None
         self._routing: tuple | None = None  # the last forward's (logits, ids, offsets, slot, padding_mask)
         self._stats: dict[str, Tensor] | None = None
+        self._packed: tuple[tuple, Tensor] | None = None  # (what it was packed from, the panels)
         self.reset_parameters()
 
     @classmethod
@@ -168,7 +169,7 @@ class MoELayer(nn.Module):
             send, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
                                                token_groups=groups)
         if ep is None:
-            y = ops.expert_ffn(send, offsets, w1, w2, **experts)
+            y = ops.expert_ffn(send, offsets, w1, w2, packed=self._packed_experts(w1, w2), **experts)
             shared = self._shared_expert_output(tokens)
         elif pad:
             shared = self._shared_expert_output(tokens)
@@ -185,6 +186,41 @@ class MoELayer(nn.Module):
         self._routing = (logits, ids, offsets, slot, padding_mask)
         self._stats = None
         return out.reshape(shape)
+
+    def _packed_experts(self, w1: Tensor, w2: Tensor) -> Tensor | None:
+        """The expert weights packed for the CPU micro-kernel, or None to run on w1 and w2.
+
+        The cache is keyed on the parameters' version counters and storage: an in-place change,
+        an optimizer step, load_state_dict or a new .data all repack at the next forward (a write
+        through ``.data`` bypasses the version counter: call ``clear_packed_weights()`` after one).
+        Packing pays when the panels are reused (the weights unchanged since the last forward, as
+        in inference) or when the experts run in bfloat16 / float16, whose unpacked GEMMs are far
+        slower where the CPU lacks native bf16 GEMMs; a float32 training step, whose weights change
+        every step, would spend more on repacking than the panels save, and runs unpacked."""
+        cfg = self.config
+        if (not cfg.packed_weights or w1.device.type != "cpu" or w1.dtype == torch.float64
+                or torch.compiler.is_compiling() or not ops.packed_kernels_available()):
+            return None
+        sources = (self.gate_up_proj, self.down_proj)
+        key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
+        if self._packed is not None and self._packed[0] == key:
+            return self._packed[1]
+        if (w1.dtype == torch.float32 and torch.is_grad_enabled()
+                and any(p.requires_grad for p in sources)):
+            return None
+        self._packed = None  # free the stale panels before packing new ones
+        packed = ops.pack_expert_weights(w1, w2, cfg.activation)
+        self._packed = (key, packed)
+        return packed
+
+    def clear_packed_weights(self) -> None:
+        """Drop the packed copy of the expert weights (it is rebuilt at the next CPU forward)."""
+        self._packed = None
+
+    @property
+    def packed_weights_bytes(self) -> int:
+        """Memory held by the packed copy of the expert weights (0 when there is none)."""
+        return 0 if self._packed is None else self._packed[1].nbytes
 
     def _shared_expert_output(self, tokens: Tensor) -> Tensor | None:
         if self.shared_expert is None:

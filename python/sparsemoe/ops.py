@@ -131,7 +131,7 @@ torch.library.register_autograd("sparsemoe::dispatch", _dispatch_backward, setup
 def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
                activation: str = "swiglu", b1: Tensor | None = None, b2: Tensor | None = None,
                swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-               gate_up_interleaved: bool = False) -> Tensor:
+               gate_up_interleaved: bool = False, packed: Tensor | None = None) -> Tensor:
     """Run each expert's FFN on its contiguous rows of x_sorted. Returns y [N, d].
 
     w1 [E, F1, d] and w2 [E, d, f] may be transposed views, such as Hugging Face's
@@ -139,9 +139,34 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
     in place and give their gradients the same strides. ``gate_up_interleaved`` says w1's (and
     b1's) gate and up rows alternate (row 2c gate c, row 2c+1 up c, GPT-OSS) instead of forming
     [gate | up] halves; it needs a gated activation.
+
+    ``packed`` (CPU only) is ``pack_expert_weights(w1, w2, ...)`` of these same weights: the forward
+    then runs the micro-kernel on its panels. It is a copy, so the caller repacks after the weights
+    change; the backward reads w1 and w2.
     """
     return _ops.expert_ffn(x_sorted, expert_offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit,
-                           gate_up_interleaved)[0]
+                           gate_up_interleaved, packed)[0]
+
+
+def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
+                        gate_up_interleaved: bool = False) -> Tensor:
+    """w1 [E, F1, d] and w2 [E, d, f] (any layout, float32 / bfloat16 / float16) packed into the CPU
+    micro-kernel's float32 column panels -> [E, F1*d + d*f], for ``expert_ffn(..., packed=)``.
+    Its memory is one float32 copy of the expert weights."""
+    return _ops.pack_expert_weights(w1.detach(), w2.detach(), activation, gate_up_interleaved)
+
+
+def packed_kernels_available() -> bool:
+    """Whether the packed path runs oneDNN's micro-kernel on this machine (torch exports it, and a
+    probe product checked out at first use); without it the packed path would gain nothing."""
+    return bool(_C.packed_kernels_available())
+
+
+@torch.library.register_fake("sparsemoe::pack_expert_weights")
+def _(w1, w2, activation, gate_up_interleaved=False):
+    torch._check(w1.dim() == 3 and w2.dim() == 3, lambda: "w1, w2: expected [E, F1, d] and [E, d, f]")
+    E, F1, d = w1.shape
+    return w1.new_empty((E, F1 * d + d * w2.shape[2]), dtype=torch.float32)
 
 
 def _check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
@@ -152,7 +177,7 @@ def _check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
 
 @torch.library.register_fake("sparsemoe::expert_ffn")
 def _(x_sorted, expert_offsets, w1, w2, activation, b1=None, b2=None, swiglu_alpha=1.702, swiglu_limit=7.0,
-      gate_up_interleaved=False):
+      gate_up_interleaved=False, packed=None):
     _check_same_device(("x_sorted", x_sorted), ("expert_offsets", expert_offsets), ("w1", w1), ("w2", w2),
                        ("b1", b1), ("b2", b2))
     _check_gate_up_layout(activation, gate_up_interleaved)
@@ -171,7 +196,7 @@ def _(grad_y, x_sorted, expert_offsets, w1, w2, hidden, activation, swiglu_alpha
 
 
 def _expert_ffn_setup(ctx, inputs, output):
-    x_sorted, offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit, gate_up_interleaved = inputs
+    x_sorted, offsets, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit, gate_up_interleaved, _packed = inputs
     ctx.options = (activation, swiglu_alpha, swiglu_limit, gate_up_interleaved)
     ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.mark_non_differentiable(output[1])
@@ -185,7 +210,7 @@ def _expert_ffn_backward(ctx, grad_y, grad_hidden):
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2 = _ops.expert_ffn_backward(
         grad_y, x_sorted, offsets, w1, w2, hidden, activation, alpha, limit, has_b1 or has_b2, gate_up_interleaved)
     return (grad_x, None, grad_w1, grad_w2, None, grad_b1 if has_b1 else None, grad_b2 if has_b2 else None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,

@@ -1,0 +1,126 @@
+// Forward blocks on packed panels: each block multiplies its expert's rows, in chunks, by its
+// panels with the micro-kernel into a float32 tile, and the epilogue adds the bias and rounds
+// into the output while the tile is in L1. bfloat16 and float16 rows are widened to float32 per
+// chunk (the panels are float32), so the products are exact and accumulate in float32, as in a
+// bfloat16 GEMM, and each output is rounded once.
+#include "cpu/expert_ffn_packed.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/hidden_block.h"
+
+namespace sparsemoe {
+namespace {
+
+// Rows per micro-kernel call: a chunk's widened rows and its output tile stay in L2 with the panel.
+constexpr int64_t kChunkRows = 128;
+
+// The chunk's rows as float32 with row stride `width`: the rows themselves when they are float32,
+// else widened into `scratch`.
+template <typename T>
+const float* float_rows(const T* rows, int64_t ld, int64_t n, int64_t width, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows;
+  } else {
+    scratch.resize(static_cast<size_t>(n * width));
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t c = 0; c < width; ++c) scratch[r * width + c] = static_cast<float>(rows[r * ld + c]);
+    }
+    return scratch.data();
+  }
+}
+
+// out[r, c * col_step] = tile[r, c] + bias[c * col_step] (bias may be null), rounded to T, for n
+// rows of w columns: col_step 2 writes every other column (interleaved gate / up).
+template <typename T>
+void store_tile(const float* tile, int64_t n, int64_t w, const T* bias, T* out, int64_t ldo, int64_t col_step) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* t = tile + r * w;
+    T* o = out + r * ldo;
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c] + static_cast<float>(bias[c * col_step]));
+    } else {
+      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c]);
+    }
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// float32 outputs without a bias need no epilogue: the micro-kernel writes them in place.
+template <typename T>
+constexpr bool kInPlace = std::is_same_v<T, float>;
+
+}  // namespace
+
+template <typename T>
+void packed_gemm1_block(const PackedFfn& p, const Block& b) {
+  const FfnDims& s = p.s;
+  const PackedLayout& L = p.layout;
+  const bool il = p.gate_up_interleaved;
+  thread_local std::vector<float> rows_f, tile;
+  tile.resize(static_cast<size_t>(kChunkRows * L.pw1));
+  const float* Pe = p.packed.data_ptr<float>() + b.e * L.per_expert();
+  const T* bias1 = ptr_or_null<T>(p.b1);
+  for (int64_t r = 0; r < b.n; r += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, b.n - r), row0 = b.r0 + r;
+    const float* A = float_rows<T>(p.x.data_ptr<T>() + row0 * s.d, s.d, n, s.d, rows_f);
+    for (int64_t h = 0; h < L.halves; ++h) {
+      for (int64_t p0 = b.c0; p0 < b.c0 + b.cn; p0 += L.pw1) {
+        const int64_t w = std::min(L.pw1, s.f - p0);
+        // Hidden column of activation column p0 in half h, and the step to the next one.
+        const int64_t col0 = il ? 2 * p0 + h : h * s.f + p0, step = il ? 2 : 1;
+        const T* bias = bias1 != nullptr ? bias1 + b.e * s.F1 + col0 : nullptr;
+        T* out = p.hidden.data_ptr<T>() + row0 * s.F1 + col0;
+        const float* panel = Pe + L.w1_panel(h, p0);
+        if (kInPlace<T> && bias == nullptr && step == 1) {
+          panel_gemm(n, w, s.d, A, s.d, panel, w, reinterpret_cast<float*>(out), s.F1, false);
+        } else {
+          panel_gemm(n, w, s.d, A, s.d, panel, w, tile.data(), w, false);
+          store_tile<T>(tile.data(), n, w, bias, out, s.F1, step);
+        }
+      }
+    }
+    activate_hidden_block<T>(p.act, p.hidden, p.a, row0, n, b.c0, b.cn, il);
+  }
+}
+
+template <typename T>
+void packed_gemm2_block(const PackedFfn& p, const Block& b) {
+  const FfnDims& s = p.s;
+  const PackedLayout& L = p.layout;
+  thread_local std::vector<float> rows_f, tile;
+  tile.resize(static_cast<size_t>(kChunkRows * L.pw2));
+  const float* Pe = p.packed.data_ptr<float>() + b.e * L.per_expert();
+  const T* bias2 = ptr_or_null<T>(p.b2);
+  for (int64_t r = 0; r < b.n; r += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, b.n - r), row0 = b.r0 + r;
+    const float* A = float_rows<T>(p.a.data_ptr<T>() + row0 * s.f, s.f, n, s.f, rows_f);
+    for (int64_t p0 = b.c0; p0 < b.c0 + b.cn; p0 += L.pw2) {
+      const int64_t w = std::min(L.pw2, s.d - p0);
+      const T* bias = bias2 != nullptr ? bias2 + b.e * s.d + p0 : nullptr;
+      T* out = p.y.data_ptr<T>() + row0 * s.d + p0;
+      const float* panel = Pe + L.w2_panel(p0);
+      if (kInPlace<T> && bias == nullptr) {
+        panel_gemm(n, w, s.f, A, s.f, panel, w, reinterpret_cast<float*>(out), s.d, false);
+      } else {
+        panel_gemm(n, w, s.f, A, s.f, panel, w, tile.data(), w, false);
+        store_tile<T>(tile.data(), n, w, bias, out, s.d, 1);
+      }
+    }
+  }
+}
+
+#define SPARSEMOE_PACKED_BLOCKS(T)                                    \
+  template void packed_gemm1_block<T>(const PackedFfn&, const Block&); \
+  template void packed_gemm2_block<T>(const PackedFfn&, const Block&);
+SPARSEMOE_PACKED_BLOCKS(float)
+SPARSEMOE_PACKED_BLOCKS(c10::BFloat16)
+SPARSEMOE_PACKED_BLOCKS(c10::Half)
+
+}  // namespace sparsemoe

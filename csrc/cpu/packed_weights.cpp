@@ -1,0 +1,152 @@
+// Packing of the expert weights into the micro-kernel's panels (cpu/packed_weights.h), the
+// GEMM on them, and its one-time probe.
+#include "cpu/packed_weights.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/fresh_buffers.h"
+#include "ffn_checks.h"
+
+namespace sparsemoe {
+
+void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    // No reduction: the product is zero (the micro-kernel is not asked for K = 0).
+    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+#else
+  // Column-major BLAS view of the same row-major product: C^T = B^T A^T.
+  at::native::cpublas::gemm(at::native::TransposeType::NoTranspose, at::native::TransposeType::NoTranspose, N, M,
+                            K, 1.0f, B, ldb, A, lda, accumulate ? 1.0f : 0.0f, C, ldc);
+#endif
+}
+
+namespace {
+
+// A product with odd sizes and strides (panel tails, a leading dimension wider than the
+// operand), against a plain double loop.
+bool probe_microkernel() {
+#if !defined(CPUBLAS_BRGEMM_F32F32F32)
+  return false;
+#else
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  constexpr int64_t M = 5, N = 23, K = 37, lda = 40, ldb = 29, ldc = 31;
+  std::vector<float> A(M * lda), B(K * ldb), C(M * ldc, 0.0f);
+  for (size_t i = 0; i < A.size(); ++i) A[i] = static_cast<float>((i * 7 % 13) - 6) / 8.0f;
+  for (size_t i = 0; i < B.size(); ++i) B[i] = static_cast<float>((i * 5 % 11) - 5) / 4.0f;
+  try {
+    panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
+    panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
+  } catch (const c10::Error&) {
+    return false;
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t c = 0; c < N; ++c) {
+      double want = 0.0;
+      for (int64_t k = 0; k < K; ++k) want += 2.0 * A[r * lda + k] * B[k * ldb + c];
+      if (std::abs(C[r * ldc + c] - want) > 1e-4 * (1.0 + std::abs(want))) return false;
+    }
+  }
+  return true;
+#endif
+}
+
+// One panel: P[k * width + c] = src[c * s_col + k * s_k] as float, for c < width, k < K, moved in
+// square tiles so that both the reads and the writes stay within a few cache lines.
+template <typename T>
+void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K, float* P) {
+  constexpr int64_t kTile = 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    const int64_t k1 = std::min(K, k0 + kTile);
+    for (int64_t c0 = 0; c0 < width; c0 += kTile) {
+      const int64_t c1 = std::min(width, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* s = src + c * s_col;
+        for (int64_t k = k0; k < k1; ++k) P[k * width + c] = static_cast<float>(s[k * s_k]);
+      }
+    }
+  }
+}
+
+at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c10::string_view activation,
+                                   bool gate_up_interleaved) {
+  const ActivationSpec act = parse_activation(std::string(activation), 1.702, 7.0);
+  check_gate_up_layout(act, gate_up_interleaved);
+  check_rank(w1, "w1", 3, "[E, F1, d]");
+  check_rank(w2, "w2", 3, "[E, d, f]");
+  check_floating(w1, "w1");
+  check_dtype(w2, "w2", w1.scalar_type());
+  TORCH_CHECK(w1.scalar_type() != at::kDouble, "w1: expected float32, bfloat16 or float16 weights (the packed "
+              "panels are float32), got float64");
+  const bool gated = is_gated(act);
+  const int64_t E = w1.size(0), d = w1.size(2), f = w2.size(2);
+  check_size(w2, "w2", 0, E, "E, from w1");
+  check_size(w2, "w2", 1, d, "d, from w1");
+  check_size(w1, "w1", 1, gated ? 2 * f : f, gated ? "2*f: gate and up rows of a gated activation" : "f, from w2");
+  const PackedLayout L(d, f, gated ? 2 : 1);
+  // As large as the weights: huge pages keep its first-touch page faults from costing more than the copy.
+  at::Tensor packed = empty_large({E, L.per_expert()}, w1.options().dtype(at::kFloat));
+  // One task per (expert, panel): w1's panels of both halves, then w2's.
+  const int64_t p1 = f == 0 ? 0 : (f + L.pw1 - 1) / L.pw1, p2 = d == 0 ? 0 : (d + L.pw2 - 1) / L.pw2;
+  const int64_t per = L.halves * p1 + p2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "pack_expert_weights", [&] {
+    const scalar_t* a1 = w1.data_ptr<scalar_t>();
+    const scalar_t* a2 = w2.data_ptr<scalar_t>();
+    float* out = packed.data_ptr<float>();
+    at::parallel_for(0, E * per, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t e = t / per, j = t % per;
+        float* P = out + e * L.per_expert();
+        if (j < L.halves * p1) {
+          const int64_t h = j / p1, c0 = (j % p1) * L.pw1, width = std::min(L.pw1, f - c0);
+          // Activation column c of half h is w1 row 2c + h (interleaved) or h * f + c.
+          const int64_t row0 = gate_up_interleaved ? 2 * c0 + h : h * f + c0;
+          const int64_t step = gate_up_interleaved ? 2 : 1;
+          pack_panel<scalar_t>(a1 + e * w1.stride(0) + row0 * w1.stride(1), step * w1.stride(1), w1.stride(2), width,
+                               d, P + L.w1_panel(h, c0));
+        } else {
+          const int64_t c0 = (j - L.halves * p1) * L.pw2, width = std::min(L.pw2, d - c0);
+          pack_panel<scalar_t>(a2 + e * w2.stride(0) + c0 * w2.stride(1), w2.stride(1), w2.stride(2), width, f,
+                               P + L.w2_panel(c0));
+        }
+      }
+    });
+  });
+  return packed;
+}
+
+}  // namespace
+
+bool panel_gemm_is_microkernel() {
+  static const bool ok = probe_microkernel();
+  return ok;
+}
+
+void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout) {
+  TORCH_CHECK(packed.device().is_cpu(), "packed: expected a CPU tensor (the packed weights are a CPU kernel's), "
+              "got one on ", packed.device());
+  check_dtype(packed, "packed", at::kFloat);
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "packed: expected None for float64 x_sorted (the packed panels are "
+              "float32), got a packed tensor");
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == E && packed.size(1) == layout.per_expert(),
+              "packed: expected shape [", E, ", ", layout.per_expert(),
+              "] (pack_expert_weights of these w1 and w2), got ", shape_str(packed));
+  TORCH_CHECK(packed.is_contiguous(), "packed: expected a contiguous tensor (as pack_expert_weights returns it)");
+}
+
+TORCH_LIBRARY_IMPL(sparsemoe, CPU, m) { m.impl("pack_expert_weights", &pack_expert_weights_cpu); }
+
+}  // namespace sparsemoe

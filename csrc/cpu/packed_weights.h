@@ -1,0 +1,63 @@
+// Expert weights packed once for the CPU micro-kernel, and the GEMM that reads them.
+//
+// oneDNN's small-GEMM kernel, exported by torch as at::native::cpublas::brgemm, multiplies a
+// row-major A [M, K] by a row-major B [K, N] into a float32 C, with no per-call packing and no
+// per-call thread fork: the BLAS (at::mm) instead re-packs its weight operand on every call,
+// which for an expert's few tens of rows costs as much memory traffic as the product. The expert
+// weights are stored the other way round (w1 [F1, d], w2 [d, f] per expert, out-features first),
+// so they are transposed once into column panels: each panel is the [K, width] row-major slab of
+// `width` output columns, small enough to stay in L2 while every row of the expert streams past
+// it. A block of output columns is then a few micro-kernel calls on panels that sit contiguously
+// in memory, whatever layout (row-major, column-major, interleaved gate/up) the weights had.
+//
+// Packed layout, float32, one row of `per_expert()` elements per expert:
+//   w1 part: for each half h (gate, then up; one half for ungated activations) the activation
+//            columns [0, f) in panels of pw1 columns; the panel of columns [c0, c0 + w) holds
+//            P[k * w + c] = w1[row(h, c0 + c), k] for k < d, and starts at (h * f + c0) * d.
+//   w2 part: the output columns [0, d) in panels of pw2 columns; the panel of columns [c0, c0 + w)
+//            holds P[k * w + c] = w2[c0 + c, k] for k < f, and starts at halves * f * d + c0 * f.
+// The panel widths depend only on the reduction length, never on the batch or the thread count,
+// so every output element is always one micro-kernel reduction over the same K in the same order.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sparsemoe {
+
+// A panel of about this many bytes stays in L2 beside the rows that stream past it.
+constexpr int64_t kPanelBytes = int64_t(128) << 10;
+
+inline int64_t panel_width(int64_t K) {
+  const int64_t w = kPanelBytes / (int64_t(sizeof(float)) * std::max<int64_t>(K, 1)) / 16 * 16;
+  return std::clamp<int64_t>(w, 16, 64);
+}
+
+struct PackedLayout {
+  int64_t d, f, halves, pw1, pw2;
+
+  PackedLayout(int64_t d_, int64_t f_, int64_t halves_)
+      : d(d_), f(f_), halves(halves_), pw1(panel_width(d_)), pw2(panel_width(f_)) {}
+
+  int64_t w1_elems() const { return halves * f * d; }
+  int64_t per_expert() const { return w1_elems() + d * f; }
+  int64_t w1_panel(int64_t h, int64_t c0) const { return (h * f + c0) * d; }
+  int64_t w2_panel(int64_t c0) const { return w1_elems() + c0 * f; }
+};
+
+// C [M, N] (row stride ldc) = A [M, K] @ B [K, N] (+ C when accumulate), all float32 and
+// row-major: the micro-kernel where torch has it, else the BLAS on the same operands.
+void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                float* C, int64_t ldc, bool accumulate);
+
+// Whether panel_gemm runs oneDNN's micro-kernel here: built against a torch that exports it, and
+// a small product checked once against a plain loop. Without it the packed path gains nothing,
+// so callers keep the unpacked one.
+bool panel_gemm_is_microkernel();
+
+// Checks `packed` against the shapes of the FFN it was packed for (float32, CPU, [E, per_expert]).
+void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout);
+
+}  // namespace sparsemoe

@@ -1,0 +1,248 @@
+"""expert_ffn on weights packed for the CPU micro-kernel (ops.pack_expert_weights, expert_ffn's
+`packed=`) and MoELayer's cache of them: the forward against sparsemoe.reference for every
+activation, bias, layout, dtype and odd size; the errors; the cache never stale (in-place changes,
+an optimizer step, load_state_dict, a new .data); batch and thread invariance of a row's float32
+output."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import sparsemoe
+from sparsemoe import ops, reference
+from helpers import experts, interleave_gate_up, lowp_tolerance, transposed_view
+
+pytestmark = pytest.mark.skipif(not ops.packed_kernels_available(),
+                                reason="the packed path needs oneDNN's micro-kernel (torch's cpublas::brgemm)")
+
+ACTS = ("swiglu", "clamped_swiglu", "gelu", "relu")
+GATED = ("swiglu", "clamped_swiglu")
+KW = {"swiglu_alpha": 1.3, "swiglu_limit": 1.2}
+# Rows per expert: empty experts, few rows (the decode sizes), one chunk, more than one chunk (128).
+COUNTS = [3, 0, 1, 70, 0, 300, 8, 2]
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def nan_empty_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+def laid_out(w1, w2, b1, transpose, interleaved):
+    if interleaved:
+        w1, b1 = interleave_gate_up(w1), interleave_gate_up(b1)
+    if transpose:
+        w1, w2 = transposed_view(w1), transposed_view(w2)
+    return w1, w2, b1
+
+
+def packed_and_exact(x, off, w1, w2, act, b1, b2, interleaved=False):
+    packed = ops.pack_expert_weights(w1, w2, act, interleaved)
+    got = ops.expert_ffn(x, off, w1, w2, act, b1, b2, gate_up_interleaved=interleaved, packed=packed, **KW)
+    exact = reference.expert_ffn(x.double(), off, w1.double(), w2.double(), act,
+                                 None if b1 is None else b1.double(), None if b2 is None else b2.double(),
+                                 gate_up_interleaved=interleaved, **KW)
+    return got, exact
+
+
+# Interleaved gate/up rows exist only for gated activations.
+LAYOUTS = [(act, layout) for act in ACTS for layout in ("contiguous", "transposed", "interleaved",
+                                                        "transposed+interleaved")
+           if act in GATED or "interleaved" not in layout]
+
+
+@pytest.mark.parametrize("act, layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_matches_reference_fp32(act, bias, layout):
+    interleaved = "interleaved" in layout
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 48, 40, len(COUNTS), act, counts=COUNTS, pad=5)
+    w1, w2, b1 = laid_out(w1, w2, b1, "transposed" in layout, interleaved)
+    got, exact = packed_and_exact(x, off, w1, w2, act, b1 if bias else None, b2 if bias else None, interleaved)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[sum(COUNTS):], torch.zeros_like(got[sum(COUNTS):]))  # padding rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["swiglu", "clamped_swiglu", "gelu"])
+def test_forward_low_precision_within_twice_plain_pytorch(dtype, act):
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 64, 48, len(COUNTS), act, dtype=dtype, counts=COUNTS)
+    got, exact = packed_and_exact(x, off, w1, w2, act, b1, b2)
+    plain = reference.expert_ffn(x, off, w1, w2, act, b1, b2, **KW)
+    assert got.dtype == dtype
+    lowp_tolerance(got, plain, exact)
+
+
+@pytest.mark.parametrize("d, f", [(1, 1), (17, 9), (100, 130), (2100, 20), (16, 1000)])
+def test_odd_sizes_and_panel_tails(d, f):
+    # d = 2100 makes the w1 panels 16 columns wide; f = 130 and 1000 leave tail panels.
+    counts = [5, 0, 131, 1]
+    x, off, w1, w2, b1, b2 = experts(sum(counts), d, f, len(counts), "swiglu", counts=counts)
+    got, exact = packed_and_exact(x, off, w1, w2, "swiglu", b1, b2)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_no_rows_and_no_experts_with_rows():
+    x, off, w1, w2, b1, b2 = experts(0, 32, 16, 4, "swiglu", counts=[0, 0, 0, 0], pad=3)
+    packed = ops.pack_expert_weights(w1, w2)
+    y = ops.expert_ffn(x, off, w1, w2, packed=packed)
+    assert torch.equal(y, torch.zeros(3, 32))
+
+
+def test_pack_layout_size_and_dtype():
+    _, _, w1, w2, _, _ = experts(4, 24, 10, 3, "swiglu", dtype=torch.bfloat16)
+    packed = ops.pack_expert_weights(w1, w2)
+    assert packed.dtype == torch.float32 and packed.shape == (3, 20 * 24 + 24 * 10)
+    _, _, w1, w2, _, _ = experts(4, 24, 10, 3, "relu")
+    assert ops.pack_expert_weights(w1, w2, "relu").shape == (3, 10 * 24 + 24 * 10)
+
+
+def test_thread_count_and_batch_do_not_change_a_rows_output():
+    # Each output element is one micro-kernel reduction over a panel fixed at packing time: the
+    # same bits whatever other rows share the call and however the blocks are dealt to threads.
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 64, 96, len(COUNTS), "swiglu", counts=COUNTS)
+    packed = ops.pack_expert_weights(w1, w2)
+    with threads(1):
+        one = ops.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, packed=packed)
+    with threads(2):
+        two = ops.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, packed=packed)
+    assert torch.equal(one, two)
+    # Expert 5's row 7 alone.
+    lo = int(off[5]) + 7
+    alone_off = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    alone = ops.expert_ffn(x[lo:lo + 1], alone_off, w1, w2, "swiglu", b1, b2, packed=packed)
+    assert torch.equal(alone[0], two[lo])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda p: p[:, :-1], "packed: expected shape"),
+    (lambda p: p.double(), "packed: expected dtype"),
+    (lambda p: p.t().contiguous().t(), "packed: expected a contiguous"),
+    (lambda p: p[:2], "packed: expected shape"),
+])
+def test_bad_packed_argument_is_named(bad, message):
+    x, off, w1, w2, _, _ = experts(10, 16, 8, 3, "swiglu")
+    packed = ops.pack_expert_weights(w1, w2)
+    with pytest.raises(RuntimeError, match=message):
+        ops.expert_ffn(x, off, w1, w2, packed=bad(packed))
+
+
+def test_float64_is_refused_with_named_errors():
+    x, off, w1, w2, _, _ = experts(10, 16, 8, 3, "swiglu", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="w1: expected float32, bfloat16 or float16"):
+        ops.pack_expert_weights(w1, w2)
+    packed = ops.pack_expert_weights(w1.float(), w2.float())
+    with pytest.raises(RuntimeError, match="packed: expected None for float64"):
+        ops.expert_ffn(x, off, w1, w2, packed=packed)
+
+
+def test_pack_argument_errors():
+    _, _, w1, w2, _, _ = experts(4, 16, 8, 3, "swiglu")
+    with pytest.raises(RuntimeError, match=r"w1: expected size 8 at dim 1 \(f, from w2\)"):
+        ops.pack_expert_weights(w1, w2, "relu")
+    with pytest.raises(RuntimeError, match="gate_up_interleaved: expected False"):
+        ops.pack_expert_weights(w1[:, :8], w2, "relu", True)
+    with pytest.raises(RuntimeError, match="w2: expected dtype"):
+        ops.pack_expert_weights(w1, w2.bfloat16())
+
+
+# --- MoELayer's cache --------------------------------------------------------------------------
+
+
+def twin_layers(dtype=torch.float32, **options):
+    packed = sparsemoe.MoELayer(32, 48, 6, 2, dtype=dtype, **options)
+    plain = sparsemoe.MoELayer(32, 48, 6, 2, dtype=dtype, packed_weights=False, **options)
+    plain.load_state_dict(packed.state_dict())
+    return packed, plain
+
+
+def same_output(packed, plain, x):
+    with torch.no_grad():
+        got, want = packed(x), plain(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return got
+
+
+def test_cache_is_reused_while_the_weights_are_unchanged():
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    same_output(layer, plain, x)
+    first = layer._packed[1]
+    same_output(layer, plain, x)
+    assert layer._packed[1] is first
+    assert layer.packed_weights_bytes == first.nbytes == 6 * (96 * 32 + 32 * 48) * 4
+    assert plain.packed_weights_bytes == 0
+
+
+@pytest.mark.parametrize("change", ["in_place", "optimizer_step", "load_state_dict", "new_data", "to_dtype"])
+def test_cache_is_never_stale(change):
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    same_output(layer, plain, x)  # packs
+    if change == "in_place":
+        with torch.no_grad():
+            for m in (layer, plain):
+                m.down_proj.mul_(-2.0)
+    elif change == "optimizer_step":
+        for m in (layer, plain):
+            opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+            m(x).square().sum().backward()
+            opt.step()
+    elif change == "load_state_dict":
+        other = sparsemoe.MoELayer(32, 48, 6, 2)
+        layer.load_state_dict(other.state_dict())
+        plain.load_state_dict(other.state_dict())
+    elif change == "new_data":
+        new = torch.randn_like(plain.gate_up_proj)
+        for m in (layer, plain):
+            m.gate_up_proj.data = new.clone()
+    elif change == "to_dtype":
+        layer, plain = layer.bfloat16(), plain.bfloat16()
+        x = x.bfloat16()
+    out = same_output(layer, plain, x)
+    assert out.dtype == x.dtype
+
+
+def test_float32_training_runs_unpacked_and_bfloat16_training_packs():
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    layer(x).sum().backward()
+    assert layer._packed is None  # repacking every step would cost more than it saves
+    layer, plain = twin_layers(torch.bfloat16)
+    xb = torch.randn(20, 32).bfloat16()
+    got = layer(xb)
+    assert layer._packed is not None
+    got.float().square().sum().backward()
+    want = plain(xb)
+    want.float().square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for (name, a), b in zip(layer.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=3e-2, atol=3e-2, msg=name)
+
+
+def test_autocast_packs_the_cast_weights():
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), plain(x)
+    assert layer._packed is not None and layer._packed[0][0] == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_clear_packed_weights_and_the_option_off():
+    layer, plain = twin_layers()
+    same_output(layer, plain, torch.randn(4, 32))
+    layer.clear_packed_weights()
+    assert layer.packed_weights_bytes == 0
+    assert "packed_weights" not in layer.config.to_dict()  # a setting of the run, not of the model
+
