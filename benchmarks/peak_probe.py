@@ -103,7 +103,9 @@ double run(int64_t which, int64_t iters, int64_t threads) {
 def _module():
     from torch.utils.cpp_extension import load_inline
     return load_inline("sparsemoe_peak_probe", _SOURCE, functions=["run", "has_bf16", "width"],
-                       extra_cflags=["-O2", "-march=native"], verbose=False)
+                       # -fopenmp: at::parallel_for is inline OpenMP code, serial without it.
+                       extra_cflags=["-O2", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       verbose=False)
 
 
 def peaks(seconds: float = 0.3) -> dict[str, float | None]:

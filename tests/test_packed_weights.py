@@ -219,7 +219,10 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs():
     layer(x).sum().backward()
     assert layer._packed is None  # repacking every step would cost more than it saves
     layer, plain = twin_layers(torch.bfloat16)
-    xb = torch.randn(20, 32).bfloat16()
+    layer(torch.randn(20, 32).bfloat16()).sum().backward()
+    assert layer._packed is None  # 40 rows for 6 experts: packing would cost more than it saves
+    layer.zero_grad()
+    xb = torch.randn(60, 32).bfloat16()  # 120 rows, 20 per expert
     got = layer(xb)
     assert layer._packed is not None
     got.float().square().sum().backward()

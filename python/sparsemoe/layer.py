@@ -16,6 +16,11 @@ from .routing import Router
 from .shared_expert import SharedExpert
 
 
+# Rows per expert (on average) from which a bf16 / fp16 training step packs the expert weights:
+# packing touches every weight once, as a forward on that many rows per expert roughly does.
+PACK_MIN_ROWS = 16
+
+
 class MoELayer(nn.Module):
     """Routed Mixture-of-Experts FFN: ``[..., d_model] -> [..., d_model]``.
 
@@ -169,7 +174,7 @@ class MoELayer(nn.Module):
             send, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
                                                token_groups=groups)
         if ep is None:
-            y = ops.expert_ffn(send, offsets, w1, w2, packed=self._packed_experts(w1, w2), **experts)
+            y = ops.expert_ffn(send, offsets, w1, w2, packed=self._packed_experts(w1, w2, send.shape[0]), **experts)
             shared = self._shared_expert_output(tokens)
         elif pad:
             shared = self._shared_expert_output(tokens)
@@ -187,16 +192,17 @@ class MoELayer(nn.Module):
         self._stats = None
         return out.reshape(shape)
 
-    def _packed_experts(self, w1: Tensor, w2: Tensor) -> Tensor | None:
+    def _packed_experts(self, w1: Tensor, w2: Tensor, rows: int) -> Tensor | None:
         """The expert weights packed for the CPU micro-kernel, or None to run on w1 and w2.
 
         The cache is keyed on the parameters' version counters and storage: an in-place change,
         an optimizer step, load_state_dict or a new .data all repack at the next forward (a write
         through ``.data`` bypasses the version counter: call ``clear_packed_weights()`` after one).
         Packing pays when the panels are reused (the weights unchanged since the last forward, as
-        in inference) or when the experts run in bfloat16 / float16, whose unpacked GEMMs are far
-        slower where the CPU lacks native bf16 GEMMs; a float32 training step, whose weights change
-        every step, would spend more on repacking than the panels save, and runs unpacked."""
+        in inference) or when the experts run in bfloat16 / float16 on enough rows, whose unpacked
+        GEMMs are far slower where the CPU lacks native bf16 GEMMs. A training step, whose weights
+        change every step, would spend more on repacking than the panels save in float32, or in
+        bf16 with fewer than PACK_MIN_ROWS rows per expert on average, and runs unpacked."""
         cfg = self.config
         if (not cfg.packed_weights or w1.device.type != "cpu" or w1.dtype == torch.float64
                 or torch.compiler.is_compiling() or not ops.packed_kernels_available()):
@@ -205,8 +211,8 @@ class MoELayer(nn.Module):
         key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
         if self._packed is not None and self._packed[0] == key:
             return self._packed[1]
-        if (w1.dtype == torch.float32 and torch.is_grad_enabled()
-                and any(p.requires_grad for p in sources)):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
+                w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * cfg.num_experts):
             return None
         self._packed = None  # free the stale panels before packing new ones
         packed = ops.pack_expert_weights(w1, w2, cfg.activation)
