@@ -68,6 +68,9 @@ TORCH_LIBRARY(sparsemoe, m) {
   // the panels instead of w1 and w2 for its forward; it is the caller's job to repack after the
   // weights change (MoELayer keys its cache on the parameters' versions).
   m.def("pack_expert_weights(Tensor w1, Tensor w2, str activation, bool gate_up_interleaved=False) -> Tensor");
+  // The same into the tensor an earlier pack of same-shaped weights returned.
+  m.def("pack_expert_weights_into(Tensor(a!) packed, Tensor w1, Tensor w2, str activation, "
+        "bool gate_up_interleaved=False) -> ()");
   // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
   // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias
   // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.

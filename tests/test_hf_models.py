@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalG
 from safetensors.torch import load_file  # noqa: E402
 
 from helpers import lowp_tolerance  # noqa: E402
-from sparsemoe import hf, hf_experts  # noqa: E402
+from sparsemoe import hf, hf_experts, ops  # noqa: E402
 from sparsemoe.hf_experts import ExpertsPlan  # noqa: E402
 
 T = transformers
@@ -385,3 +385,23 @@ def test_compiled_model_matches_eager(checkpoints):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         got = compiled(**inputs).logits
     assert_fp32_close(got, want, "compiled logits")
+
+
+@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel")
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_inference_packs_the_experts_once_and_repacks_after_a_change(family, checkpoints):
+    from sparsemoe.hf_experts import PACKED_ATTR
+    eager, ours = (load(checkpoints[family], family, impl) for impl in ("eager", "sparsemoe"))
+    inputs = {k: v for k, v in batch(family).items() if k != "labels"}
+    experts = [m for m in ours.modules() if PACKED_ATTR in m.__dict__ or hasattr(m, "has_gate")]
+    with torch.no_grad():
+        assert_fp32_close(ours(**inputs).logits, eager(**inputs).logits, "first forward")
+        first = [m.__dict__[PACKED_ATTR].tensor for m in experts]
+        assert all(t is not None for t in first)
+        ours(**inputs)
+        assert all(m.__dict__[PACKED_ATTR].tensor is t for m, t in zip(experts, first))  # reused
+        for model in (eager, ours):
+            for name, p in model.named_parameters():
+                if "experts" in name and p.dim() == 3:
+                    p.mul_(-1.5)
+        assert_fp32_close(ours(**inputs).logits, eager(**inputs).logits, "after an in-place change")

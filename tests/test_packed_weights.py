@@ -7,13 +7,14 @@ output."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
 
 import sparsemoe
 from sparsemoe import ops, reference
-from helpers import experts, interleave_gate_up, lowp_tolerance, transposed_view
+from helpers import close, experts, interleave_gate_up, lowp_tolerance, transposed_view
 
 pytestmark = pytest.mark.skipif(not ops.packed_kernels_available(),
                                 reason="the packed path needs oneDNN's micro-kernel (torch's cpublas::brgemm)")
@@ -177,9 +178,9 @@ def test_cache_is_reused_while_the_weights_are_unchanged():
     layer, plain = twin_layers()
     x = torch.randn(20, 32)
     same_output(layer, plain, x)
-    first = layer._packed[1]
+    first = layer._packed.tensor
     same_output(layer, plain, x)
-    assert layer._packed[1] is first
+    assert layer._packed.tensor is first
     assert layer.packed_weights_bytes == first.nbytes == 6 * (96 * 32 + 32 * 48) * 4
     assert plain.packed_weights_bytes == 0
 
@@ -217,14 +218,14 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs():
     layer, plain = twin_layers()
     x = torch.randn(20, 32)
     layer(x).sum().backward()
-    assert layer._packed is None  # repacking every step would cost more than it saves
+    assert layer._packed.tensor is None  # repacking every step would cost more than it saves
     layer, plain = twin_layers(torch.bfloat16)
     layer(torch.randn(20, 32).bfloat16()).sum().backward()
-    assert layer._packed is None  # 40 rows for 6 experts: packing would cost more than it saves
+    assert layer._packed.tensor is None  # 40 rows for 6 experts: packing would cost more than it saves
     layer.zero_grad()
     xb = torch.randn(60, 32).bfloat16()  # 120 rows, 20 per expert
     got = layer(xb)
-    assert layer._packed is not None
+    assert layer._packed.tensor is not None
     got.float().square().sum().backward()
     want = plain(xb)
     want.float().square().sum().backward()
@@ -238,14 +239,71 @@ def test_autocast_packs_the_cast_weights():
     x = torch.randn(20, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = layer(x), plain(x)
-    assert layer._packed is not None and layer._packed[0][0] == torch.bfloat16
+    assert layer._packed.key[0] == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_clear_packed_weights_and_the_option_off():
     layer, plain = twin_layers()
     same_output(layer, plain, torch.randn(4, 32))
+    assert copy.deepcopy(layer).packed_weights_bytes == 0  # copies start with an empty cache
     layer.clear_packed_weights()
     assert layer.packed_weights_bytes == 0
     assert "packed_weights" not in layer.config.to_dict()  # a setting of the run, not of the model
 
+
+
+def test_pack_into_an_earlier_buffer_equals_a_fresh_pack():
+    _, _, w1, w2, _, _ = experts(4, 40, 24, 5, "clamped_swiglu")
+    out = ops.pack_expert_weights(w1 * 3, w2 * 3, "clamped_swiglu")
+    same = ops.pack_expert_weights(w1, w2, "clamped_swiglu", out=out)
+    assert same is out and torch.equal(out, ops.pack_expert_weights(w1, w2, "clamped_swiglu"))
+    with pytest.raises(RuntimeError, match="packed: expected shape"):
+        ops.pack_expert_weights(w1[:, :, :8], w2[:, :8], "clamped_swiglu", out=out)
+
+
+def test_repack_reuses_the_layers_buffer():
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    same_output(layer, plain, x)
+    buffer = layer._packed.tensor
+    with torch.no_grad():
+        for m in (layer, plain):
+            m.gate_up_proj.add_(0.5)
+    same_output(layer, plain, x)
+    assert layer._packed.tensor is buffer
+
+
+# --- the backward on the micro-kernel (row-major weights, with or without packing) ---------------
+
+
+def grads_of(fn, leaves, off, act, interleaved, g):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    x, w1, w2, b1, b2 = leaves
+    y = fn(x, off, w1, w2, act, b1, b2, gate_up_interleaved=interleaved, **KW)
+    (y.double() * g).sum().backward()
+    return [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("act, interleaved", [("swiglu", False), ("clamped_swiglu", True), ("gelu", False),
+                                              ("relu", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_reference(act, interleaved, dtype):
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 48, 80, len(COUNTS), act, counts=COUNTS, pad=3)
+    if interleaved:
+        w1, b1 = interleave_gate_up(w1), interleave_gate_up(b1)
+    g = torch.randn(x.shape[0], 48, dtype=torch.float64)
+    leaves = [t.to(dtype) for t in (x, w1, w2, b1, b2)]
+    got = grads_of(ops.expert_ffn, leaves, off, act, interleaved, g)
+    exact = grads_of(reference.expert_ffn, [t.double() for t in leaves], off, act, interleaved, g)
+    plain = grads_of(reference.expert_ffn, leaves, off, act, interleaved, g)
+    for name, a, e, p in zip(("x", "w1", "w2", "b1", "b2"), got, exact, plain):
+        assert a.dtype == dtype, name
+        if dtype == torch.float32:
+            # Relative to the gradient's largest element: an expert's 300 rows sum into it.
+            close(a, e, 2e-6, name)
+        else:
+            lowp_tolerance(a, p, e)
+    # Experts 1 and 4 own no rows: exactly zero weight gradients.
+    for e in (1, 4):
+        assert not got[1][e].any() and not got[2][e].any()

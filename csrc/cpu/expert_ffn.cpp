@@ -27,6 +27,7 @@
 #include "cpu/fresh_buffers.h"
 #include "cpu/hidden_block.h"
 #include "cpu/index_checks.h"
+#include "cpu/microkernel_backward.h"
 #include "cpu/packed_weights.h"
 
 namespace sparsemoe {
@@ -207,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   const int64_t M = check_offsets_values(offsets, s.N);
   check_ffn_backward_inputs(grad_y_in, x_in, hidden_in, s);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor w1 = expert_weight(w1_in).t, w2 = expert_weight(w2_in).t;
+  const ExpertWeight ew1 = expert_weight(w1_in), ew2 = expert_weight(w2_in);
+  const at::Tensor w1 = ew1.t, w2 = ew2.t;
   const at::Tensor gy = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
   const bool gated = is_gated(act);
   const int64_t* o = offsets.data_ptr<int64_t>();
@@ -252,9 +254,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     const std::vector<Block> blocks = expert_blocks(o, s.E, s.f, s.d, one_block_per_expert ? s.f : 64);
     const int64_t per_expert = blocks.empty() ? 1 : (s.f + blocks[0].cn - 1) / blocks[0].cn;
     at::Tensor shares = at::empty({per_expert - 1, M, s.d}, x.options());
+    // Row-major weights run on the micro-kernel, which takes them in place, when their gradients
+    // are row-major too; column-major ones (read by the BLAS in either operand order), and
+    // gradients in other layouts (empty_like of a weight with no unit stride), keep the ATen GEMMs.
+    const MicrokernelBackward mk{x, gy, hidden, w1, w2, grad_w1, grad_w2, grad_b1, grad_b2, s, act,
+                                 gate_up_interleaved, bias_grads};
+    const auto unit_columns = [](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1; };
+    const bool on_microkernel = !std::is_same_v<scalar_t, double> && !ew1.col_major && !ew2.col_major &&
+                                unit_columns(grad_w1) && unit_columns(grad_w2) && panel_gemm_is_microkernel();
     for_each_block("sparsemoe::expert_ffn_backward blocks", blocks, [&](const Block& b) {
       const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       const int64_t j = b.c0 / blocks[0].cn;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (on_microkernel) {
+          scalar_t* dx = (j == 0 ? grad_x : shares[j - 1]).data_ptr<scalar_t>() + b.r0 * s.d;
+          return microkernel_backward_block<scalar_t>(mk, b, dx, j == 0);
+        }
+      }
       const int64_t halves = gated ? 2 : 1;
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
       at::Tensor a = at::empty({b.n, b.cn}, x.options());

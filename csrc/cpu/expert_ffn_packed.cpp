@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/float_tiles.h"
 #include "cpu/hidden_block.h"
 
 namespace sparsemoe {
@@ -16,36 +17,6 @@ namespace {
 
 // Rows per micro-kernel call: a chunk's widened rows and its output tile stay in L2 with the panel.
 constexpr int64_t kChunkRows = 128;
-
-// The chunk's rows as float32 with row stride `width`: the rows themselves when they are float32,
-// else widened into `scratch`.
-template <typename T>
-const float* float_rows(const T* rows, int64_t ld, int64_t n, int64_t width, std::vector<float>& scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return rows;
-  } else {
-    scratch.resize(static_cast<size_t>(n * width));
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t c = 0; c < width; ++c) scratch[r * width + c] = static_cast<float>(rows[r * ld + c]);
-    }
-    return scratch.data();
-  }
-}
-
-// out[r, c * col_step] = tile[r, c] + bias[c * col_step] (bias may be null), rounded to T, for n
-// rows of w columns: col_step 2 writes every other column (interleaved gate / up).
-template <typename T>
-void store_tile(const float* tile, int64_t n, int64_t w, const T* bias, T* out, int64_t ldo, int64_t col_step) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float* t = tile + r * w;
-    T* o = out + r * ldo;
-    if (bias != nullptr) {
-      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c] + static_cast<float>(bias[c * col_step]));
-    } else {
-      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c]);
-    }
-  }
-}
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {

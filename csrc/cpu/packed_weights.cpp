@@ -81,14 +81,16 @@ void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t
   }
 }
 
-at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c10::string_view activation,
-                                   bool gate_up_interleaved) {
+// The packed layout of w1 and w2, after checking them.
+PackedLayout packed_layout_of(const at::Tensor& w1, const at::Tensor& w2, c10::string_view activation,
+                              bool gate_up_interleaved) {
   const ActivationSpec act = parse_activation(std::string(activation), 1.702, 7.0);
   check_gate_up_layout(act, gate_up_interleaved);
   check_rank(w1, "w1", 3, "[E, F1, d]");
   check_rank(w2, "w2", 3, "[E, d, f]");
   check_floating(w1, "w1");
   check_dtype(w2, "w2", w1.scalar_type());
+  check_same_device(w1, "w1", w2, "w2");
   TORCH_CHECK(w1.scalar_type() != at::kDouble, "w1: expected float32, bfloat16 or float16 weights (the packed "
               "panels are float32), got float64");
   const bool gated = is_gated(act);
@@ -96,16 +98,18 @@ at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c
   check_size(w2, "w2", 0, E, "E, from w1");
   check_size(w2, "w2", 1, d, "d, from w1");
   check_size(w1, "w1", 1, gated ? 2 * f : f, gated ? "2*f: gate and up rows of a gated activation" : "f, from w2");
-  const PackedLayout L(d, f, gated ? 2 : 1);
-  // As large as the weights: huge pages keep its first-touch page faults from costing more than the copy.
-  at::Tensor packed = empty_large({E, L.per_expert()}, w1.options().dtype(at::kFloat));
+  return PackedLayout(d, f, gated ? 2 : 1);
+}
+
+void pack_into(float* out, const at::Tensor& w1, const at::Tensor& w2, const PackedLayout& L,
+               bool gate_up_interleaved) {
+  const int64_t E = w1.size(0), d = L.d, f = L.f;
   // One task per (expert, panel): w1's panels of both halves, then w2's.
   const int64_t p1 = f == 0 ? 0 : (f + L.pw1 - 1) / L.pw1, p2 = d == 0 ? 0 : (d + L.pw2 - 1) / L.pw2;
   const int64_t per = L.halves * p1 + p2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "pack_expert_weights", [&] {
     const scalar_t* a1 = w1.data_ptr<scalar_t>();
     const scalar_t* a2 = w2.data_ptr<scalar_t>();
-    float* out = packed.data_ptr<float>();
     at::parallel_for(0, E * per, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t e = t / per, j = t % per;
@@ -125,7 +129,29 @@ at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c
       }
     });
   });
+}
+
+at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c10::string_view activation,
+                                   bool gate_up_interleaved) {
+  const PackedLayout L = packed_layout_of(w1, w2, activation, gate_up_interleaved);
+  // As large as the weights: huge pages keep its first-touch page faults from costing more than the copy.
+  at::Tensor packed = empty_large({w1.size(0), L.per_expert()}, w1.options().dtype(at::kFloat));
+  pack_into(packed.data_ptr<float>(), w1, w2, L, gate_up_interleaved);
   return packed;
+}
+
+// Repacking into the buffer of an earlier pack skips the allocation and its page faults, which
+// on a fresh buffer as large as the weights cost more than the packing itself.
+void pack_expert_weights_into_cpu(const at::Tensor& packed, const at::Tensor& w1, const at::Tensor& w2,
+                                  c10::string_view activation, bool gate_up_interleaved) {
+  const PackedLayout L = packed_layout_of(w1, w2, activation, gate_up_interleaved);
+  check_same_device(w1, "w1", packed, "packed");
+  check_dtype(packed, "packed", at::kFloat);
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == w1.size(0) && packed.size(1) == L.per_expert(),
+              "packed: expected shape [", w1.size(0), ", ", L.per_expert(), "] (the packed size of w1 and w2), got ",
+              shape_str(packed));
+  TORCH_CHECK(packed.is_contiguous(), "packed: expected a contiguous tensor (as pack_expert_weights returns it)");
+  pack_into(packed.data_ptr<float>(), w1, w2, L, gate_up_interleaved);
 }
 
 }  // namespace
@@ -147,6 +173,9 @@ void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, cons
   TORCH_CHECK(packed.is_contiguous(), "packed: expected a contiguous tensor (as pack_expert_weights returns it)");
 }
 
-TORCH_LIBRARY_IMPL(sparsemoe, CPU, m) { m.impl("pack_expert_weights", &pack_expert_weights_cpu); }
+TORCH_LIBRARY_IMPL(sparsemoe, CPU, m) {
+  m.impl("pack_expert_weights", &pack_expert_weights_cpu);
+  m.impl("pack_expert_weights_into", &pack_expert_weights_into_cpu);
+}
 
 }  // namespace sparsemoe

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .packing import PackedWeights
 
 NAME = "sparsemoe"
 ON_UNSUPPORTED = ("warn", "error")
@@ -154,20 +155,24 @@ def experts_forward(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
 def routed_ffn(x: Tensor, ids: Tensor, weights: Tensor | None, w1: Tensor, w2: Tensor, activation: str, *,
                b1: Tensor | None = None, b2: Tensor | None = None, swiglu_alpha: float = 1.702,
                swiglu_limit: float = 7.0, gate_up_interleaved: bool = False, weights_on_input: bool = False,
-               capacity: int = -1, token_groups: int = 1) -> Tensor:
+               capacity: int = -1, token_groups: int = 1, packed: Tensor | None = None) -> Tensor:
     """dispatch -> expert_ffn -> combine for x [T, d] routed to ids [T, k] with weights [T, k],
     in w1's dtype. The one data path of the experts backend and of the patched blocks."""
     E = w1.shape[0]
     x, ids = x.to(w1.dtype), ids.to(torch.int64)
     w = None if weights is None else weights.to(ops.opmath_dtype(x.dtype))
     ffn = dict(activation=activation, b1=b1, b2=b2, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
-               gate_up_interleaved=gate_up_interleaved)
+               gate_up_interleaved=gate_up_interleaved, packed=packed)
     if weights_on_input:  # Llama-4 scales each expert's input by its router score
         plan, offsets, slot = ops.dispatch(x[:, :0], ids, E, capacity=capacity, token_groups=token_groups)
         rows = ops.scatter_rows(x, slot, w, plan.shape[0])
         return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, **ffn), slot, None)
     rows, offsets, slot = ops.dispatch(x, ids, E, capacity=capacity, token_groups=token_groups)
     return ops.combine(ops.expert_ffn(rows, offsets, w1, w2, **ffn), slot, w)
+
+
+# The attribute of an experts module that holds its packed weights (sparsemoe.packing).
+PACKED_ATTR = "_sparsemoe_packed"
 
 
 def run_experts(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top_k_index: Tensor,
@@ -178,9 +183,14 @@ def run_experts(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weights_dtype
     w1, w2, b1, b2 = _weights(module, plan, dtype)
+    cache = module.__dict__.get(PACKED_ATTR)
+    if cache is None:
+        cache = module.__dict__[PACKED_ATTR] = PackedWeights()
+    sources = (module.gate_up_proj if plan.gated else module.up_proj, module.down_proj)
+    packed = cache.get(sources, w1, w2, plan.activation, plan.interleaved, top_k_index.numel())
     out = routed_ffn(hidden_states, top_k_index, top_k_weights, w1, w2, plan.activation, b1=b1, b2=b2,
                      swiglu_alpha=plan.swiglu_alpha, swiglu_limit=plan.swiglu_limit,
-                     gate_up_interleaved=plan.interleaved)
+                     gate_up_interleaved=plan.interleaved, packed=packed)
     return out.to(hidden_states.dtype)
 
 

@@ -11,14 +11,10 @@ from torch import Tensor, nn
 
 from . import distributed, ops
 from .config import MoEConfig, check_option_names
+from .packing import PackedWeights
 from .losses import balance_loss_from_probs, router_probs, z_loss
 from .routing import Router
 from .shared_expert import SharedExpert
-
-
-# Rows per expert (on average) from which a bf16 / fp16 training step packs the expert weights:
-# packing touches every weight once, as a forward on that many rows per expert roughly does.
-PACK_MIN_ROWS = 16
 
 
 class MoELayer(nn.Module):
@@ -69,7 +65,8 @@ class MoELayer(nn.Module):
         self.router_logits: Tensor | None = None
         self._routing: tuple | None = None  # the last forward's (logits, ids, offsets, slot, padding_mask)
         self._stats: dict[str, Tensor] | None = None
-        self._packed: tuple[tuple, Tensor] | None = None  # (what it was packed from, the panels)
+        # The expert weights packed for the CPU micro-kernel (sparsemoe.packing; config.packed_weights).
+        self._packed = PackedWeights()
         self.reset_parameters()
 
     @classmethod
@@ -174,7 +171,9 @@ class MoELayer(nn.Module):
             send, offsets, slot = ops.dispatch(tokens, ids, E, capacity=capacity, priority=priority,
                                                token_groups=groups)
         if ep is None:
-            y = ops.expert_ffn(send, offsets, w1, w2, packed=self._packed_experts(w1, w2, send.shape[0]), **experts)
+            packed = (self._packed.get((self.gate_up_proj, self.down_proj), w1, w2, cfg.activation, False,
+                                       send.shape[0]) if cfg.packed_weights else None)
+            y = ops.expert_ffn(send, offsets, w1, w2, packed=packed, **experts)
             shared = self._shared_expert_output(tokens)
         elif pad:
             shared = self._shared_expert_output(tokens)
@@ -192,41 +191,14 @@ class MoELayer(nn.Module):
         self._stats = None
         return out.reshape(shape)
 
-    def _packed_experts(self, w1: Tensor, w2: Tensor, rows: int) -> Tensor | None:
-        """The expert weights packed for the CPU micro-kernel, or None to run on w1 and w2.
-
-        The cache is keyed on the parameters' version counters and storage: an in-place change,
-        an optimizer step, load_state_dict or a new .data all repack at the next forward (a write
-        through ``.data`` bypasses the version counter: call ``clear_packed_weights()`` after one).
-        Packing pays when the panels are reused (the weights unchanged since the last forward, as
-        in inference) or when the experts run in bfloat16 / float16 on enough rows, whose unpacked
-        GEMMs are far slower where the CPU lacks native bf16 GEMMs. A training step, whose weights
-        change every step, would spend more on repacking than the panels save in float32, or in
-        bf16 with fewer than PACK_MIN_ROWS rows per expert on average, and runs unpacked."""
-        cfg = self.config
-        if (not cfg.packed_weights or w1.device.type != "cpu" or w1.dtype == torch.float64
-                or torch.compiler.is_compiling() or not ops.packed_kernels_available()):
-            return None
-        sources = (self.gate_up_proj, self.down_proj)
-        key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
-        if self._packed is not None and self._packed[0] == key:
-            return self._packed[1]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
-                w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * cfg.num_experts):
-            return None
-        self._packed = None  # free the stale panels before packing new ones
-        packed = ops.pack_expert_weights(w1, w2, cfg.activation)
-        self._packed = (key, packed)
-        return packed
-
     def clear_packed_weights(self) -> None:
         """Drop the packed copy of the expert weights (it is rebuilt at the next CPU forward)."""
-        self._packed = None
+        self._packed.clear()
 
     @property
     def packed_weights_bytes(self) -> int:
         """Memory held by the packed copy of the expert weights (0 when there is none)."""
-        return 0 if self._packed is None else self._packed[1].nbytes
+        return self._packed.nbytes
 
     def _shared_expert_output(self, tokens: Tensor) -> Tensor | None:
         if self.shared_expert is None:

@@ -149,10 +149,14 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
 
 
 def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
-                        gate_up_interleaved: bool = False) -> Tensor:
+                        gate_up_interleaved: bool = False, out: Tensor | None = None) -> Tensor:
     """w1 [E, F1, d] and w2 [E, d, f] (any layout, float32 / bfloat16 / float16) packed into the CPU
     micro-kernel's float32 column panels -> [E, F1*d + d*f], for ``expert_ffn(..., packed=)``.
-    Its memory is one float32 copy of the expert weights."""
+    Its memory is one float32 copy of the expert weights. ``out``, an earlier result for weights
+    of the same shapes, is overwritten instead of allocating (faster: no fresh pages to fault in)."""
+    if out is not None:
+        _ops.pack_expert_weights_into(out, w1.detach(), w2.detach(), activation, gate_up_interleaved)
+        return out
     return _ops.pack_expert_weights(w1.detach(), w2.detach(), activation, gate_up_interleaved)
 
 
@@ -160,6 +164,11 @@ def packed_kernels_available() -> bool:
     """Whether the packed path runs oneDNN's micro-kernel on this machine (torch exports it, and a
     probe product checked out at first use); without it the packed path would gain nothing."""
     return bool(_C.packed_kernels_available())
+
+
+@torch.library.register_fake("sparsemoe::pack_expert_weights_into")
+def _(packed, w1, w2, activation, gate_up_interleaved=False):
+    return None
 
 
 @torch.library.register_fake("sparsemoe::pack_expert_weights")

@@ -1,0 +1,58 @@
+// Moves between the kernels' buffers and the float32 operands and tiles of the GEMM micro-kernel
+// (cpu/packed_weights.h): widening bfloat16 / float16 exactly, transposing, and rounding a float32
+// tile once into its output.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace sparsemoe {
+
+// rows x width values (row stride ld) as float32 with row stride `width`: the values themselves
+// when they are float32 and ld == width, else widened into `scratch`.
+template <typename T>
+const float* float_rows(const T* rows, int64_t ld, int64_t n, int64_t width, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (ld == width) return rows;
+  }
+  scratch.resize(static_cast<size_t>(n * width));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < width; ++c) scratch[r * width + c] = static_cast<float>(rows[r * ld + c]);
+  }
+  return scratch.data();
+}
+
+// dst [cols, rows] (row-major) = src [rows, cols]^T as float32, src with row stride ld.
+template <typename T>
+const float* float_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& scratch) {
+  scratch.resize(static_cast<size_t>(rows * cols));
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) scratch[c * rows + r] = static_cast<float>(src[r * ld + c]);
+      }
+    }
+  }
+  return scratch.data();
+}
+
+// out[r, c * col_step] = tile[r, c] + bias[c * col_step] (bias may be null), rounded to T, for n
+// rows of w columns: col_step 2 writes every other column (interleaved gate / up).
+template <typename T>
+void store_tile(const float* tile, int64_t n, int64_t w, const T* bias, T* out, int64_t ldo, int64_t col_step) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* t = tile + r * w;
+    T* o = out + r * ldo;
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c] + static_cast<float>(bias[c * col_step]));
+    } else {
+      for (int64_t c = 0; c < w; ++c) o[c * col_step] = static_cast<T>(t[c]);
+    }
+  }
+}
+
+}  // namespace sparsemoe

@@ -1,0 +1,33 @@
+// The expert FFN's backward blocks on oneDNN's GEMM micro-kernel (cpu/packed_weights.h:
+// panel_gemm), for row-major expert weights. The micro-kernel multiplies row-major operands as
+// they are, so the backward needs no packing: grad_a = grad_y @ w2[e] and grad_x = grad_h @ w1[e]
+// read the weights in place (bfloat16 / float16 slices are widened per block), and the weight
+// gradients, whose reduction runs over the expert's rows, take the block's own small operands
+// transposed. Accumulation is float32 and each output is rounded once, where eager PyTorch rounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "activation.h"
+#include "cpu/expert_blocks.h"
+#include "ffn_checks.h"
+
+namespace sparsemoe {
+
+// Everything a block reads and writes: x, grad_y [N, d]; hidden [N, F1]; w1, w2 and their
+// gradients (each expert's matrix row-major, any expert stride); the bias gradients
+// ([E, F1], [E, d], when bias_grads).
+struct MicrokernelBackward {
+  at::Tensor x, gy, hidden, w1, w2, grad_w1, grad_w2, grad_b1, grad_b2;
+  FfnDims s;
+  ActivationSpec act;
+  bool gate_up_interleaved, bias_grads;
+};
+
+// The block's activation columns [c0, c0 + cn) of expert e: its columns of grad_w2, its gate and
+// up rows of grad_w1 and grad_b1, grad_b2 when `first` (the expert's first block), and its share
+// of grad_x written to dx (the block's rows, row stride d).
+template <typename T>
+void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T* dx, bool first);
+
+}  // namespace sparsemoe

@@ -1,0 +1,68 @@
+"""The CPU cache of expert weights packed for the GEMM micro-kernel (ops.pack_expert_weights),
+shared by MoELayer and the Hugging Face experts backend.
+
+The cache is keyed on the source parameters' version counters and storage: an in-place change,
+an optimizer step, load_state_dict, .to(...) or a new .data all repack at the next forward. A
+write through ``.data`` bypasses the version counter; ``clear()`` after one.
+
+Packing pays when the panels are reused (the weights unchanged since the last forward: inference,
+decoding) or when the experts run in bfloat16 / float16 on enough rows, whose unpacked GEMMs are
+far slower where the CPU lacks native bf16 GEMMs. A training step, whose weights change every
+step, would spend more on repacking than the panels save in float32, or in bf16 with fewer than
+PACK_MIN_ROWS rows per expert on average, and runs unpacked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+# Rows per expert (on average) from which a bf16 / fp16 training step packs the expert weights:
+# packing touches every weight once, as a forward on that many rows per expert roughly does.
+PACK_MIN_ROWS = 16
+
+
+class PackedWeights:
+    """One experts module's packed weights, rebuilt when their source parameters change."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None  # (dtype, (version, data_ptr, shape, stride) per source)
+        self.tensor: Tensor | None = None
+
+    def get(self, sources: tuple[Tensor, ...], w1: Tensor, w2: Tensor, activation: str,
+            gate_up_interleaved: bool, rows: int) -> Tensor | None:
+        """The panels of w1 and w2 (computed from the parameters `sources`), or None to run on w1
+        and w2 themselves; `rows` is the number of rows the experts will see."""
+        if (w1.device.type != "cpu" or w1.dtype == torch.float64 or torch.compiler.is_compiling()
+                or not ops.packed_kernels_available()):
+            return None
+        key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
+        if self.tensor is not None and self.key == key:
+            return self.tensor
+        E = w1.shape[0]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
+                w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * E):
+            return None
+        # Repack into the stale panels' buffer when the shapes still match (no allocation).
+        stale = self.tensor if self.key is not None and all(
+            a[2] == b[2] for a, b in zip(self.key[1:], key[1:])) else None
+        self.clear()
+        self.tensor = ops.pack_expert_weights(w1, w2, activation, gate_up_interleaved, out=stale)
+        self.key = key
+        return self.tensor
+
+    # A copy or a pickle of the module starts with an empty cache: the panels are derived data.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def clear(self) -> None:
+        self.key, self.tensor = None, None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.tensor is None else self.tensor.nbytes
