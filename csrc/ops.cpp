@@ -85,6 +85,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
   // Whether pack_expert_weights' path runs oneDNN's micro-kernel here (built and probed).
   module.def("packed_kernels_available", &sparsemoe::panel_gemm_is_microkernel);
+  // Whether expert GEMMs in this dtype ("float32", "bfloat16", "float16") gain from the float32
+  // micro-kernel on this CPU.
+  module.def("microkernel_pays", [](const std::string& dtype) {
+    const at::ScalarType t = dtype == "float32" ? at::kFloat : dtype == "bfloat16" ? at::kBFloat16
+                             : dtype == "float16" ? at::kHalf : at::kDouble;
+    return sparsemoe::microkernel_pays(t);
+  });
 #if defined(SPARSEMOE_SANITIZED)
   module.attr("sanitized") = pybind11::bool_(true);
 #else

@@ -214,7 +214,7 @@ def test_cache_is_never_stale(change):
     assert out.dtype == x.dtype
 
 
-def test_float32_training_runs_unpacked_and_bfloat16_training_packs():
+def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pays():
     layer, plain = twin_layers()
     x = torch.randn(20, 32)
     layer(x).sum().backward()
@@ -225,7 +225,8 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs():
     layer.zero_grad()
     xb = torch.randn(60, 32).bfloat16()  # 120 rows, 20 per expert
     got = layer(xb)
-    assert layer._packed.tensor is not None
+    # Packed where bf16 GEMMs gain from the float32 micro-kernel (no native bf16 GEMM on the CPU).
+    assert (layer._packed.tensor is not None) == ops.packed_kernels_available(torch.bfloat16)
     got.float().square().sum().backward()
     want = plain(xb)
     want.float().square().sum().backward()
@@ -239,7 +240,7 @@ def test_autocast_packs_the_cast_weights():
     x = torch.randn(20, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = layer(x), plain(x)
-    assert layer._packed.key[0] == torch.bfloat16
+    assert (layer._packed.key is not None) == ops.packed_kernels_available(torch.bfloat16)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 

@@ -261,12 +261,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
                                  gate_up_interleaved, bias_grads};
     const auto unit_columns = [](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1; };
     const bool on_microkernel = !std::is_same_v<scalar_t, double> && !ew1.col_major && !ew2.col_major &&
-                                unit_columns(grad_w1) && unit_columns(grad_w2) && panel_gemm_is_microkernel();
+                                unit_columns(grad_w1) && unit_columns(grad_w2) &&
+                                microkernel_pays(x.scalar_type());
     for_each_block("sparsemoe::expert_ffn_backward blocks", blocks, [&](const Block& b) {
       const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       const int64_t j = b.c0 / blocks[0].cn;
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (on_microkernel) {
+        if (on_microkernel && (one_block_per_expert || b.n < kMicrokernelMaxRows)) {
           scalar_t* dx = (j == 0 ? grad_x : shares[j - 1]).data_ptr<scalar_t>() + b.r0 * s.d;
           return microkernel_backward_block<scalar_t>(mk, b, dx, j == 0);
         }

@@ -14,6 +14,13 @@
 
 namespace sparsemoe {
 
+// float32 blocks of at least this many rows keep the BLAS: its cache-blocked GEMMs overtake the
+// micro-kernel's there, which pays for transposing the block's rows once per column block (on
+// this library's ladder: faster up to ~64 rows per expert, 10% slower at 128, 30% at 512).
+// bfloat16 / float16 blocks always take the micro-kernel where they take it at all (its
+// float32 GEMMs beat ATen's emulated reduced-precision ones at every size).
+constexpr int64_t kMicrokernelMaxRows = 128;
+
 // Everything a block reads and writes: x, grad_y [N, d]; hidden [N, F1]; w1, w2 and their
 // gradients (each expert's matrix row-major, any expert stride); the bias gradients
 // ([E, F1], [E, d], when bias_grads).

@@ -4,6 +4,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -154,11 +155,29 @@ void pack_expert_weights_into_cpu(const at::Tensor& packed, const at::Tensor& w1
   pack_into(packed.data_ptr<float>(), w1, w2, L, gate_up_interleaved);
 }
 
+bool cpu_has(const char* feature) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(feature);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
 }  // namespace
 
 bool panel_gemm_is_microkernel() {
   static const bool ok = probe_microkernel();
   return ok;
+}
+
+bool microkernel_pays(at::ScalarType dtype) {
+  if (!panel_gemm_is_microkernel()) return false;
+  static const bool native_bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
+  static const bool native_f16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
+  switch (dtype) {
+    case at::kFloat: return true;
+    case at::kBFloat16: return !native_bf16;
+    case at::kHalf: return !native_f16;
+    default: return false;
+  }
 }
 
 void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout) {

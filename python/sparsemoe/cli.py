@@ -215,7 +215,11 @@ def run_info(args) -> int:
     print(f"CPU flags: avx512f {yn('avx512f')}, avx512_bf16 {yn('avx512_bf16')}, amx_bf16 {yn('amx_bf16')}")
     bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none (emulated)")
     print(f"bfloat16 GEMM hardware: {bf16}")
-    packed = ("oneDNN micro-kernel (cpublas::brgemm) on float32 panels" if sparsemoe.ops.packed_kernels_available()
+    ops = sparsemoe.ops
+    packed = ("oneDNN micro-kernel (cpublas::brgemm) on float32 panels; bfloat16 "
+              + ("widened onto it (no native bf16 GEMM here)" if ops.packed_kernels_available(torch.bfloat16)
+                 else "on ATen's native bf16 GEMMs")
+              if ops.packed_kernels_available()
               else "off: this torch or CPU has no oneDNN micro-kernel, the unpacked ATen path runs")
     print(f"CPU packed expert weights: {packed}")
     cuda = bool(sparsemoe._C.with_cuda)

@@ -160,10 +160,13 @@ def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
     return _ops.pack_expert_weights(w1.detach(), w2.detach(), activation, gate_up_interleaved)
 
 
-def packed_kernels_available() -> bool:
-    """Whether the packed path runs oneDNN's micro-kernel on this machine (torch exports it, and a
-    probe product checked out at first use); without it the packed path would gain nothing."""
-    return bool(_C.packed_kernels_available())
+def packed_kernels_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether expert GEMMs in `dtype` run, and gain from running, on oneDNN's float32 micro-kernel
+    here: torch exports it and a probe product checked out at first use; bfloat16 / float16 only
+    where the CPU has no native GEMM for them (there ATen's own is faster than widened float32)."""
+    if not _C.packed_kernels_available():
+        return False
+    return bool(_C.microkernel_pays(str(dtype).removeprefix("torch.")))
 
 
 @torch.library.register_fake("sparsemoe::pack_expert_weights_into")

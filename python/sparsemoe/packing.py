@@ -36,7 +36,7 @@ class PackedWeights:
         """The panels of w1 and w2 (computed from the parameters `sources`), or None to run on w1
         and w2 themselves; `rows` is the number of rows the experts will see."""
         if (w1.device.type != "cpu" or w1.dtype == torch.float64 or torch.compiler.is_compiling()
-                or not ops.packed_kernels_available()):
+                or not ops.packed_kernels_available(w1.dtype)):
             return None
         key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
         if self.tensor is not None and self.key == key:
