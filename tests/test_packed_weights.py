@@ -308,3 +308,13 @@ def test_backward_matches_reference(act, interleaved, dtype):
     # Experts 1 and 4 own no rows: exactly zero weight gradients.
     for e in (1, 4):
         assert not got[1][e].any() and not got[2][e].any()
+
+
+def test_opcheck_pack_and_packed_forward():
+    x, off, w1, w2, b1, b2 = experts(20, 16, 24, 3, "swiglu")
+    packed = ops.pack_expert_weights(w1, w2)
+    torch.library.opcheck(torch.ops.sparsemoe.pack_expert_weights.default, (w1, w2, "swiglu", False))
+    torch.library.opcheck(torch.ops.sparsemoe.pack_expert_weights_into.default,
+                          (torch.empty_like(packed), w1, w2, "swiglu", False))
+    torch.library.opcheck(torch.ops.sparsemoe.expert_ffn.default,
+                          (x, off, w1, w2, "swiglu", b1, b2, 1.702, 7.0, False, packed))
