@@ -318,3 +318,30 @@ def test_opcheck_pack_and_packed_forward():
                           (torch.empty_like(packed), w1, w2, "swiglu", False))
     torch.library.opcheck(torch.ops.sparsemoe.expert_ffn.default,
                           (x, off, w1, w2, "swiglu", b1, b2, 1.702, 7.0, False, packed))
+
+
+def test_dtype_round_trip_repacks():
+    # float32 -> bfloat16 -> float32 can give the new float32 storage the old one's address.
+    layer, plain = twin_layers()
+    x = torch.randn(20, 32)
+    same_output(layer, plain, x)
+    layer, plain = layer.bfloat16().float(), plain.bfloat16().float()
+    same_output(layer, plain, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_with_several_column_blocks_per_expert(dtype):
+    # f = 512: float32 experts split into 64-column blocks (shares of grad_x summed after); rows
+    # below and above the 128-row crossover to the BLAS; float16 as one block per expert.
+    counts = [5, 0, 127, 200, 60]
+    x, off, w1, w2, b1, b2 = experts(sum(counts), 40, 512, len(counts), "swiglu", counts=counts)
+    g = torch.randn(x.shape[0], 40, dtype=torch.float64)
+    leaves = [t.to(dtype) for t in (x, w1, w2, b1, b2)]
+    got = grads_of(ops.expert_ffn, leaves, off, "swiglu", False, g)
+    exact = grads_of(reference.expert_ffn, [t.double() for t in leaves], off, "swiglu", False, g)
+    plain = grads_of(reference.expert_ffn, leaves, off, "swiglu", False, g)
+    for name, a, e, p in zip(("x", "w1", "w2", "b1", "b2"), got, exact, plain):
+        if dtype == torch.float32:
+            close(a, e, 2e-6, name)
+        else:
+            lowp_tolerance(a, p, e)

@@ -36,6 +36,11 @@ void gemm_into(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
 // with K / kRowChunk + kRowChunk instead, near the BLAS's own.
 constexpr int64_t kRowChunk = 64;
 
+// Rows per micro-kernel call where the rows are the GEMM's M: torch keeps one compiled kernel per
+// (M, N, K, ...) per thread, never freed, so M stays within [1, kRowsPerCall] whatever an
+// expert's row count (the weight gradients' K is bounded by kRowChunk the same way).
+constexpr int64_t kRowsPerCall = 128;
+
 // out [M, N] (row stride ldo) = A [M, K] @ B [K, N], rounded once to T, K the rows.
 template <typename T>
 void gemm_over_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -59,8 +64,10 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
   const FfnDims& s = p.s;
   const bool il = p.gate_up_interleaved;
   const int64_t H = is_gated(p.act) ? 2 : 1, n = b.n, cn = b.cn;
-  thread_local std::vector<float> gy_f, x_f, w_f, at_f, tile, acc, total;
-  thread_local std::vector<T> grad_a, a, grad_h, halves;
+  // Per-block scratch, freed with the block: a bf16 block is a whole expert, and buffers kept per
+  // thread would hold the largest expert's for the life of the process.
+  std::vector<float> gy_f, x_f, w_f, at_f, tile, acc, total;
+  std::vector<T> grad_a, a, grad_h, halves;
   grad_a.resize(static_cast<size_t>(n * cn));
   a.resize(static_cast<size_t>(n * cn));
   grad_h.resize(static_cast<size_t>(n * H * cn));
@@ -73,7 +80,10 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
   // grad_a [n, cn] = grad_y [n, d] @ w2[e][:, c0 : c0 + cn], rounded to T as an eager GEMM would.
   const float* gyf = float_rows<T>(gy, s.d, n, s.d, gy_f);
   const float* w2f = kFloat<T> ? reinterpret_cast<const float*>(w2 + b.c0) : float_rows<T>(w2 + b.c0, ld2, s.d, cn, w_f);
-  gemm_into<T>(n, cn, s.d, gyf, s.d, w2f, kFloat<T> ? ld2 : cn, grad_a.data(), cn, tile);
+  for (int64_t r = 0; r < n; r += kRowsPerCall) {
+    const int64_t m = std::min(kRowsPerCall, n - r);
+    gemm_into<T>(m, cn, s.d, gyf + r * s.d, s.d, w2f, kFloat<T> ? ld2 : cn, grad_a.data() + r * cn, cn, tile);
+  }
 
   // The activation's backward on the block's hidden columns: grad_h in [gate | up] halves, and a.
   const T* h = p.hidden.data_ptr<T>() + b.r0 * s.F1;
@@ -132,8 +142,12 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
     const float* ghf = kFloat<T> ? reinterpret_cast<const float*>(gh + half * cn) : float_rows<T>(gh + half * cn, H * cn, n, cn, x_f);
     const float* w1f = kFloat<T> ? reinterpret_cast<const float*>(w1 + row0 * ld1)
                                  : float_rows<T>(w1 + row0 * ld1, step * ld1, cn, s.d, w_f);
-    panel_gemm(n, s.d, cn, ghf, kFloat<T> ? H * cn : cn, w1f, kFloat<T> ? step * ld1 : s.d, sum, s.d,
-               /*accumulate=*/half > 0);
+    const int64_t ldg = kFloat<T> ? H * cn : cn;
+    for (int64_t r = 0; r < n; r += kRowsPerCall) {
+      const int64_t m = std::min(kRowsPerCall, n - r);
+      panel_gemm(m, s.d, cn, ghf + r * ldg, ldg, w1f, kFloat<T> ? step * ld1 : s.d, sum + r * s.d, s.d,
+                 /*accumulate=*/half > 0);
+    }
   }
   if constexpr (!kFloat<T>) store_tile<T>(acc.data(), n, s.d, nullptr, dx, s.d, 1);
 }

@@ -170,7 +170,9 @@ bool panel_gemm_is_microkernel() {
 
 bool microkernel_pays(at::ScalarType dtype) {
   if (!panel_gemm_is_microkernel()) return false;
-  static const bool native_bf16 = cpu_has("avx512_bf16") || cpu_has("amx_bf16");
+  // oneDNN runs bf16 GEMMs from AVX-512 up (natively with AVX512-BF16 / AMX): only below it are
+  // ATen's emulated.
+  static const bool native_bf16 = cpu_has("avx512_f") || cpu_has("avx512_bf16") || cpu_has("amx_bf16");
   static const bool native_f16 = cpu_has("avx512_fp16") || cpu_has("amx_fp16");
   switch (dtype) {
     case at::kFloat: return true;

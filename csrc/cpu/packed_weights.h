@@ -58,9 +58,9 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
 bool panel_gemm_is_microkernel();
 
 // Whether expert GEMMs in `dtype` gain from running on the float32 micro-kernel (bfloat16 and
-// float16 operands widened exactly): float32 wherever the micro-kernel runs; bfloat16 / float16
-// only on CPUs without native GEMMs for them (AVX512-BF16, AMX, AVX512-FP16), where ATen's are
-// emulated and several times slower, while on the others oneDNN's native ones are faster.
+// float16 operands widened exactly): float32 wherever the micro-kernel runs; bfloat16 only on
+// CPUs without AVX-512 (float16: without AVX512-FP16 / AMX-FP16), where ATen's GEMMs for them
+// are emulated and several times slower, while on the others oneDNN's own are faster.
 bool microkernel_pays(at::ScalarType dtype);
 
 // Checks `packed` against the shapes of the FFN it was packed for (float32, CPU, [E, per_expert]).

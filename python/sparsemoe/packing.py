@@ -1,21 +1,25 @@
 """The CPU cache of expert weights packed for the GEMM micro-kernel (ops.pack_expert_weights),
 shared by MoELayer and the Hugging Face experts backend.
 
-The cache is keyed on the source parameters' version counters and storage: an in-place change,
-an optimizer step, load_state_dict, .to(...) or a new .data all repack at the next forward. A
-write through ``.data`` bypasses the version counter; ``clear()`` after one.
+The cache is keyed on the source parameters' version counters and storages (a weak reference
+to each storage pins its identity, so a new storage is never mistaken for the old one, even at
+the same address): an in-place change, an optimizer step, load_state_dict, .to(...) or a new
+.data all repack at the next forward. A write through ``.data`` bypasses the version counter;
+``clear()`` after one.
 
 Packing pays when the panels are reused (the weights unchanged since the last forward: inference,
 decoding) or when the experts run in bfloat16 / float16 on enough rows, whose unpacked GEMMs are
-far slower where the CPU lacks native bf16 GEMMs. A training step, whose weights change every
-step, would spend more on repacking than the panels save in float32, or in bf16 with fewer than
-PACK_MIN_ROWS rows per expert on average, and runs unpacked.
+far slower where the CPU lacks native bf16 GEMMs. A training step (grad enabled), whose weights
+change every step, would spend more on repacking than the panels save in float32, or in bf16
+with fewer than PACK_MIN_ROWS rows per expert on average, and runs unpacked.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import ops
 
@@ -28,8 +32,9 @@ class PackedWeights:
     """One experts module's packed weights, rebuilt when their source parameters change."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None  # (dtype, (version, data_ptr, shape, stride) per source)
+        self.key: tuple | None = None  # (dtype, (version, storage, data_ptr, shape, stride) per source)
         self.tensor: Tensor | None = None
+        self._storages: list[StorageWeakRef] = []  # keep the keyed storages' identities unique
 
     def get(self, sources: tuple[Tensor, ...], w1: Tensor, w2: Tensor, activation: str,
             gate_up_interleaved: bool, rows: int) -> Tensor | None:
@@ -37,20 +42,24 @@ class PackedWeights:
         and w2 themselves; `rows` is the number of rows the experts will see."""
         if (w1.device.type != "cpu" or w1.dtype == torch.float64 or torch.compiler.is_compiling()
                 or not ops.packed_kernels_available(w1.dtype)):
+            self.clear()
             return None
-        key = (w1.dtype, *((p._version, p.data_ptr(), tuple(p.shape), p.stride()) for p in sources))
+        key = (w1.dtype, *((p._version, p.untyped_storage()._cdata, p.data_ptr(), tuple(p.shape), p.stride())
+                           for p in sources))
         if self.tensor is not None and self.key == key:
             return self.tensor
         E = w1.shape[0]
         if torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
                 w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * E):
+            self.clear()  # stale panels: free them
             return None
         # Repack into the stale panels' buffer when the shapes still match (no allocation).
         stale = self.tensor if self.key is not None and all(
-            a[2] == b[2] for a, b in zip(self.key[1:], key[1:])) else None
+            a[3] == b[3] for a, b in zip(self.key[1:], key[1:])) else None
         self.clear()
         self.tensor = ops.pack_expert_weights(w1, w2, activation, gate_up_interleaved, out=stale)
         self.key = key
+        self._storages = [StorageWeakRef(p.untyped_storage()) for p in sources]
         return self.tensor
 
     # A copy or a pickle of the module starts with an empty cache: the panels are derived data.
@@ -61,7 +70,7 @@ class PackedWeights:
         self.__init__()
 
     def clear(self) -> None:
-        self.key, self.tensor = None, None
+        self.key, self.tensor, self._storages = None, None, []
 
     @property
     def nbytes(self) -> int:
