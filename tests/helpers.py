@@ -3,6 +3,7 @@ builders for the ops, the layer cases with their oracle runs, and the CUDA plumb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -12,6 +13,17 @@ import torch
 import sparsemoe
 from sparsemoe import MoEConfig, MoELayer, reference
 from sparsemoe.config import ACTIVATIONS, GATED_ACTIVATIONS
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's thread count set to n inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # --- tolerance rules ---------------------------------------------------------------------------
 

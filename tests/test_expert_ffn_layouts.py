@@ -6,13 +6,12 @@ weights' own layout; no copy of the weights on the CPU."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from sparsemoe import ops, reference
-from helpers import assert_grads_close, experts, interleave_gate_up, lowp_tolerance, transposed_view
+from helpers import assert_grads_close, experts, interleave_gate_up, lowp_tolerance, threads, transposed_view
 
 GATED = ("swiglu", "clamped_swiglu")
 KW = {"swiglu_alpha": 1.3, "swiglu_limit": 1.2}  # clamps active for hidden values of order 1
@@ -142,16 +141,6 @@ def test_hidden_is_in_w1_row_order(act):
     _, hidden = torch.ops.sparsemoe.expert_ffn(x, off, w1, w2, act, b1, b2, 1.3, 1.2, True)
     want = torch.cat([x[:5] @ w1[0].T + b1[0], x[5:14] @ w1[2].T + b1[2], torch.zeros(2, 12, dtype=torch.float64)])
     torch.testing.assert_close(hidden, want)
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

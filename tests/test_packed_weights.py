@@ -6,7 +6,6 @@ output."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import sparsemoe
 from sparsemoe import ops, reference
-from helpers import close, experts, interleave_gate_up, lowp_tolerance, transposed_view
+from helpers import close, experts, interleave_gate_up, lowp_tolerance, threads, transposed_view
 
 pytestmark = pytest.mark.skipif(not ops.packed_kernels_available(),
                                 reason="the packed path needs oneDNN's micro-kernel (torch's cpublas::brgemm)")
@@ -24,16 +23,6 @@ GATED = ("swiglu", "clamped_swiglu")
 KW = {"swiglu_alpha": 1.3, "swiglu_limit": 1.2}
 # Rows per expert: empty experts, few rows (the decode sizes), one chunk, more than one chunk (128).
 COUNTS = [3, 0, 1, 70, 0, 300, 8, 2]
-
-
-@contextlib.contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def nan_empty_like(t):
