@@ -387,7 +387,7 @@ def test_compiled_model_matches_eager(checkpoints):
     assert_fp32_close(got, want, "compiled logits")
 
 
-@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel")
+@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+): only there is the cache used")
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
 def test_inference_packs_the_experts_once_and_repacks_after_a_change(family, checkpoints):
     from sparsemoe.hf_experts import PACKED_ATTR
