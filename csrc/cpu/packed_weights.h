@@ -47,8 +47,13 @@ struct PackedLayout {
   int64_t w2_panel(int64_t c0) const { return w1_elems() + c0 * f; }
 };
 
+// The micro-kernel's calls cover tiles of at most this many columns of C and this much of the
+// reduction (panel_gemm).
+constexpr int64_t kTileCols = 64, kTileDepth = 256;
+
 // C [M, N] (row stride ldc) = A [M, K] @ B [K, N] (+ C when accumulate), all float32 and
-// row-major: the micro-kernel where torch has it, else the BLAS on the same operands.
+// row-major: the micro-kernel where torch has it (tile by tile, the reduction always split at the
+// same depths, so an element's sum never depends on M), else the BLAS on the same operands.
 void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                 float* C, int64_t ldc, bool accumulate);
 
