@@ -405,3 +405,34 @@ def test_inference_packs_the_experts_once_and_repacks_after_a_change(family, che
                 if "experts" in name and p.dim() == 3:
                     p.mul_(-1.5)
         assert_fp32_close(ours(**inputs).logits, eager(**inputs).logits, "after an in-place change")
+
+
+@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+): only there is the cache used")
+def test_packed_weights_can_be_reported_freed_and_turned_off(checkpoints):
+    eager, ours = (load(checkpoints["olmoe"], "olmoe", impl) for impl in ("eager", "sparsemoe"))
+    inputs = {k: v for k, v in batch("olmoe").items() if k != "labels"}
+    expert_bytes = sum(p.nbytes for name, p in ours.named_parameters() if "experts" in name and p.dim() == 3)
+    try:
+        with torch.no_grad():
+            want = eager(**inputs).logits
+            ours(**inputs)
+            assert hf.packed_weights_bytes(ours) == expert_bytes  # one float32 copy of the experts
+            hf.clear_packed_weights(ours)
+            assert hf.packed_weights_bytes(ours) == 0
+            ours(**inputs)
+            assert hf.packed_weights_bytes(ours) == expert_bytes
+            hf.register(packed_weights=False)
+            assert_fp32_close(ours(**inputs).logits, want, "logits with packing off")
+            assert hf.packed_weights_bytes(ours) == 0  # the copies made before are freed
+            ours(**inputs)
+            assert hf.packed_weights_bytes(ours) == 0  # and none is made again
+    finally:
+        hf.register()
+    with torch.no_grad():
+        ours(**inputs)
+    assert hf.packed_weights_bytes(ours) == expert_bytes
+
+
+def test_register_rejects_a_non_bool_packed_weights():
+    with pytest.raises(ValueError, match="packed_weights: expected True or False, got 'no'"):
+        hf.register(packed_weights="no")

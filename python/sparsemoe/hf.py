@@ -397,9 +397,10 @@ def to_hf(layer: MoELayer, block: nn.Module, family: str | None = None) -> nn.Mo
 
 
 # The experts backend and the block patches build on the tables above.
-from .hf_experts import UnsupportedExperts, experts_plan, register  # noqa: E402
+from .hf_experts import (UnsupportedExperts, clear_packed_weights, experts_plan, packed_weights_bytes,  # noqa: E402
+                         register)
 from .hf_patch import patch_moe_blocks, unpatch_moe_blocks  # noqa: E402
 
 __all__ = ["FAMILIES", "family_of", "detect_layout", "layer_options", "from_hf_state_dict",
            "to_hf_state_dict", "from_hf", "to_hf", "register", "experts_plan", "UnsupportedExperts",
-           "patch_moe_blocks", "unpatch_moe_blocks"]
+           "packed_weights_bytes", "clear_packed_weights", "patch_moe_blocks", "unpatch_moe_blocks"]

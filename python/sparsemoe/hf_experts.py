@@ -35,7 +35,7 @@ from .packing import PackedWeights
 
 NAME = "sparsemoe"
 ON_UNSUPPORTED = ("warn", "error")
-_settings = {"on_unsupported": "warn"}
+_settings = {"on_unsupported": "warn", "packed_weights": True}
 _warned: set[tuple[str, str]] = set()
 
 
@@ -183,25 +183,35 @@ def run_experts(module: nn.Module, plan: ExpertsPlan, hidden_states: Tensor, top
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else weights_dtype
     w1, w2, b1, b2 = _weights(module, plan, dtype)
-    cache = module.__dict__.get(PACKED_ATTR)
-    if cache is None:
-        cache = module.__dict__[PACKED_ATTR] = PackedWeights()
-    sources = (module.gate_up_proj if plan.gated else module.up_proj, module.down_proj)
-    packed = cache.get(sources, w1, w2, plan.activation, plan.interleaved, top_k_index.numel())
+    cache, packed = module.__dict__.get(PACKED_ATTR), None
+    if _settings["packed_weights"]:
+        if cache is None:
+            cache = module.__dict__[PACKED_ATTR] = PackedWeights()
+        sources = (module.gate_up_proj if plan.gated else module.up_proj, module.down_proj)
+        packed = cache.get(sources, w1, w2, plan.activation, plan.interleaved, top_k_index.numel())
+    elif cache is not None:
+        cache.clear()  # packed before the switch: free the panels
     out = routed_ffn(hidden_states, top_k_index, top_k_weights, w1, w2, plan.activation, b1=b1, b2=b2,
                      swiglu_alpha=plan.swiglu_alpha, swiglu_limit=plan.swiglu_limit,
                      gate_up_interleaved=plan.interleaved, packed=packed)
     return out.to(hidden_states.dtype)
 
 
-def register(on_unsupported: str = "warn") -> None:
-    """Register the "sparsemoe" experts implementation with transformers (idempotent).
+def register(on_unsupported: str = "warn", packed_weights: bool = True) -> None:
+    """Register the "sparsemoe" experts implementation with transformers (idempotent; a later
+    call's settings replace the earlier ones).
 
     ``on_unsupported``: what an experts module the kernels cannot run does: "warn" (once per
     class and reason, then transformers' eager experts run) or "error" (UnsupportedExperts).
+    ``packed_weights``: on CPU, keep a packed float32 copy of each experts module's weights for
+    the GEMM micro-kernel (sparsemoe.packing); False runs on the weights alone and frees the
+    copies already made at each module's next forward (``clear_packed_weights`` frees them now).
     """
     if on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(f"on_unsupported: expected one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+    if not isinstance(packed_weights, bool):
+        raise ValueError(f"packed_weights: expected True or False, got {packed_weights!r}")
+    _settings["packed_weights"] = packed_weights
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as err:
@@ -211,6 +221,22 @@ def register(on_unsupported: str = "warn") -> None:
     ExpertsInterface.register(NAME, experts_forward)
 
 
+def _packed_caches(model: nn.Module) -> list[PackedWeights]:
+    return [m.__dict__[PACKED_ATTR] for m in model.modules() if PACKED_ATTR in m.__dict__]
+
+
+def packed_weights_bytes(model: nn.Module) -> int:
+    """Bytes of the packed expert weights the experts modules of `model` hold now."""
+    return sum(cache.nbytes for cache in _packed_caches(model))
+
+
+def clear_packed_weights(model: nn.Module) -> None:
+    """Free the packed expert weights of every experts module of `model` (the next forward
+    repacks them where packing is on)."""
+    for cache in _packed_caches(model):
+        cache.clear()
+
+
 def experts_plan(model: nn.Module) -> dict[str, ExpertsPlan | str]:
     """Per decorated experts module of `model` (by qualified name): the plan sparsemoe runs, or
     the reason it falls back to transformers' eager experts."""
@@ -218,5 +244,5 @@ def experts_plan(model: nn.Module) -> dict[str, ExpertsPlan | str]:
             if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(type(m).forward, "__wrapped__")}
 
 
-__all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "register", "experts_forward", "experts_plan", "plan_for",
-           "routed_ffn", "run_experts"]
+__all__ = ["NAME", "ExpertsPlan", "UnsupportedExperts", "clear_packed_weights", "register", "experts_forward",
+           "experts_plan", "packed_weights_bytes", "plan_for", "routed_ffn", "run_experts"]
