@@ -100,6 +100,49 @@ def test_pack_layout_size_and_dtype():
     assert ops.pack_expert_weights(w1, w2, "relu").shape == (3, 10 * 24 + 24 * 10)
 
 
+def panel_width(K):
+    return min(64, max(16, (128 * 1024) // (4 * max(K, 1)) // 16 * 16))
+
+
+def packed_by_the_layout(w1, w2, gated, interleaved):
+    """The packed tensor as packed_weights.h lays it out: per expert, each half's activation
+    columns in panels [d, width] (P[k, c] = w1[row of column c, k]), then w2's output columns in
+    panels [f, width] (P[k, c] = w2[c, k])."""
+    E, d, f = w1.shape[0], w1.shape[2], w2.shape[2]
+    pw1, pw2 = panel_width(d), panel_width(f)
+    per_expert = []
+    for e in range(E):
+        parts = []
+        for h in range(2 if gated else 1):
+            for c0 in range(0, f, pw1):
+                cols = torch.arange(c0, min(f, c0 + pw1))
+                rows = 2 * cols + h if interleaved else h * f + cols
+                parts.append(w1[e, rows, :].float().t().reshape(-1))
+        parts += [w2[e, c0:c0 + pw2, :].float().t().reshape(-1) for c0 in range(0, d, pw2)]
+        per_expert.append(torch.cat(parts))
+    return torch.stack(per_expert)
+
+
+# Sizes with panel tails and edges off the 8 x 8 transpose tiles (d, f not multiples of 8; a
+# width-16 panel at d = 2100).
+@pytest.mark.parametrize("d, f", [(19, 37), (2100, 12), (8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "interleaved", "strided"])
+def test_packed_panels_are_the_weights_in_the_documented_layout(d, f, dtype, layout):
+    _, _, w1, w2, _, _ = experts(4, d, f, 3, "swiglu", dtype=dtype)
+    if layout == "interleaved":
+        w1 = interleave_gate_up(w1)
+    elif layout == "transposed":
+        w1, w2 = transposed_view(w1), transposed_view(w2)
+    elif layout == "strided":  # every other element of a wider weight: neither stride is 1
+        w1 = torch.stack((w1, torch.zeros_like(w1)), dim=-1).flatten(-2)[..., ::2]
+        w2 = torch.stack((w2, torch.zeros_like(w2)), dim=-1).flatten(-2)[..., ::2]
+        assert w1.stride(2) == 2 and w2.stride(2) == 2
+    want = packed_by_the_layout(w1, w2, gated=True, interleaved=layout == "interleaved")
+    got = ops.pack_expert_weights(w1, w2, "swiglu", layout == "interleaved")
+    assert torch.equal(got, want)
+
+
 @needs_microkernel
 def test_thread_count_and_batch_do_not_change_a_rows_output():
     # Each output element is one micro-kernel reduction over a panel fixed at packing time: the

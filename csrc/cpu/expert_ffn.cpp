@@ -190,9 +190,12 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
                   w2.t[b.e].narrow(0, b.c0, b.cn).t(), slice_or_undefined(b2, b.e, b.c0, b.cn));
     });
   });
-  // Capacity padding rows belong to no expert: they output zero.
-  hidden.narrow(0, M, s.N - M).zero_();
-  y.narrow(0, M, s.N - M).zero_();
+  // Capacity padding rows belong to no expert: they output zero. (Skipped without padding: two
+  // ATen calls on empty views cost as much as a decoding step's smallest expert GEMM.)
+  if (M < s.N) {
+    hidden.narrow(0, M, s.N - M).zero_();
+    y.narrow(0, M, s.N - M).zero_();
+  }
   return {y, hidden};
 }
 
@@ -220,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
   at::Tensor grad_w1 = empty_large_like(w1_in), grad_w2 = empty_large_like(w2_in);
   at::Tensor grad_b1 = at::empty({bias_grads ? s.E : 0, s.F1}, x.options());
   at::Tensor grad_b2 = at::empty({bias_grads ? s.E : 0, s.d}, x.options());
-  grad_x.narrow(0, M, s.N - M).zero_();  // padding rows feed no expert
+  if (M < s.N) grad_x.narrow(0, M, s.N - M).zero_();  // padding rows feed no expert
   for (int64_t e = 0; e < s.E; ++e) {
     if (o[e + 1] > o[e]) continue;
     // Experts that own no rows report an exactly zero gradient.
@@ -264,7 +267,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
                                 unit_columns(grad_w1) && unit_columns(grad_w2) &&
                                 microkernel_pays(x.scalar_type());
     for_each_block("sparsemoe::expert_ffn_backward blocks", blocks, [&](const Block& b) {
-      const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       const int64_t j = b.c0 / blocks[0].cn;
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (on_microkernel && (one_block_per_expert || b.n < kMicrokernelMaxRows)) {
@@ -272,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
           return microkernel_backward_block<scalar_t>(mk, b, dx, j == 0);
         }
       }
+      const at::Tensor rows_x = x.narrow(0, b.r0, b.n), rows_gy = gy.narrow(0, b.r0, b.n);
       const int64_t halves = gated ? 2 : 1;
       at::Tensor grad_a = at::empty({b.n, b.cn}, x.options());
       at::Tensor a = at::empty({b.n, b.cn}, x.options());

@@ -7,6 +7,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/transpose_to_float.h"
+
 namespace sparsemoe {
 
 // rows x width values (row stride ld) as float32 with row stride `width`: the values themselves
@@ -27,16 +29,7 @@ const float* float_rows(const T* rows, int64_t ld, int64_t n, int64_t width, std
 template <typename T>
 const float* float_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(rows * cols));
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) scratch[c * rows + r] = static_cast<float>(src[r * ld + c]);
-      }
-    }
-  }
+  transpose_to_float<T>(src, ld, rows, cols, scratch.data(), rows);
   return scratch.data();
 }
 

@@ -14,6 +14,7 @@
 #include "activation.h"
 #include "checks.h"
 #include "cpu/fresh_buffers.h"
+#include "cpu/transpose_to_float.h"
 #include "ffn_checks.h"
 
 namespace sparsemoe {
@@ -75,19 +76,19 @@ bool probe_microkernel() {
 #endif
 }
 
-// One panel: P[k * width + c] = src[c * s_col + k * s_k] as float, for c < width, k < K, moved in
-// square tiles so that both the reads and the writes stay within a few cache lines.
+// One panel: P[k * width + c] = src[c * s_col + k * s_k] as float, for c < width, k < K.
+// Row-major weights (s_k = 1) are transposed; column-major ones (s_col = 1) are already in the
+// panel's order, row by row.
 template <typename T>
 void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K, float* P) {
-  constexpr int64_t kTile = 16;
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int64_t k1 = std::min(K, k0 + kTile);
-    for (int64_t c0 = 0; c0 < width; c0 += kTile) {
-      const int64_t c1 = std::min(width, c0 + kTile);
-      for (int64_t c = c0; c < c1; ++c) {
-        const T* s = src + c * s_col;
-        for (int64_t k = k0; k < k1; ++k) P[k * width + c] = static_cast<float>(s[k * s_k]);
-      }
+  if (s_k == 1) return transpose_to_float<T>(src, s_col, width, K, P, width);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* s = src + k * s_k;
+    float* p = P + k * width;
+    if (s_col == 1) {
+      for (int64_t c = 0; c < width; ++c) p[c] = static_cast<float>(s[c]);
+    } else {
+      for (int64_t c = 0; c < width; ++c) p[c] = static_cast<float>(s[c * s_col]);
     }
   }
 }
