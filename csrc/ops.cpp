@@ -63,14 +63,19 @@ TORCH_LIBRARY(sparsemoe, m) {
   m.def("expert_ffn(Tensor x_sorted, Tensor expert_offsets, Tensor w1, Tensor w2, str activation, "
         "Tensor? b1=None, Tensor? b2=None, float swiglu_alpha=1.702, float swiglu_limit=7.0, "
         "bool gate_up_interleaved=False, Tensor? packed=None) -> (Tensor y, Tensor hidden)");
-  // The expert weights packed once for the CPU micro-kernel (float32 column panels, see
-  // cpu/packed_weights.h) -> packed [E, F1*d + d*f]. expert_ffn(..., packed=) on CPU then reads
+  // The expert weights packed once for the CPU micro-kernel (column panels in the weights'
+  // dtype, see cpu/packed_weights.h) -> packed [E, F1*d + d*f]. expert_ffn(..., packed=) on CPU then reads
   // the panels instead of w1 and w2 for its forward; it is the caller's job to repack after the
   // weights change (MoELayer keys its cache on the parameters' versions).
   m.def("pack_expert_weights(Tensor w1, Tensor w2, str activation, bool gate_up_interleaved=False) -> Tensor");
   // The same into the tensor an earlier pack of same-shaped weights returned.
   m.def("pack_expert_weights_into(Tensor(a!) packed, Tensor w1, Tensor w2, str activation, "
         "bool gate_up_interleaved=False) -> ()");
+  // out [T,E] = x [T,d] @ weight [E,d]^T + bias [E] (CPU; float32, bfloat16 or float16, accumulated
+  // in float32 and rounded once), each output element one reduction over d in an order fixed by d
+  // alone (oneDNN's micro-kernel): a row's output is bitwise the same whatever rows share the call
+  // and whatever the thread count. The router and shared experts of a batch-invariant layer.
+  m.def("fixed_order_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
   // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias
   // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.

@@ -95,7 +95,7 @@ def test_no_rows_and_no_experts_with_rows():
 def test_pack_layout_size_and_dtype():
     _, _, w1, w2, _, _ = experts(4, 24, 10, 3, "swiglu", dtype=torch.bfloat16)
     packed = ops.pack_expert_weights(w1, w2)
-    assert packed.dtype == torch.float32 and packed.shape == (3, 20 * 24 + 24 * 10)
+    assert packed.dtype == torch.bfloat16 and packed.shape == (3, 20 * 24 + 24 * 10)  # the weights' dtype
     _, _, w1, w2, _, _ = experts(4, 24, 10, 3, "relu")
     assert ops.pack_expert_weights(w1, w2, "relu").shape == (3, 10 * 24 + 24 * 10)
 
@@ -105,7 +105,7 @@ def panel_width(K):
 
 
 def packed_by_the_layout(w1, w2, gated, interleaved):
-    """The packed tensor as packed_weights.h lays it out: per expert, each half's activation
+    """The packed tensor as packed_weights.h lays it out, in the weights' dtype: per expert, each half's activation
     columns in panels [d, width] (P[k, c] = w1[row of column c, k]), then w2's output columns in
     panels [f, width] (P[k, c] = w2[c, k])."""
     E, d, f = w1.shape[0], w1.shape[2], w2.shape[2]
@@ -117,8 +117,8 @@ def packed_by_the_layout(w1, w2, gated, interleaved):
             for c0 in range(0, f, pw1):
                 cols = torch.arange(c0, min(f, c0 + pw1))
                 rows = 2 * cols + h if interleaved else h * f + cols
-                parts.append(w1[e, rows, :].float().t().reshape(-1))
-        parts += [w2[e, c0:c0 + pw2, :].float().t().reshape(-1) for c0 in range(0, d, pw2)]
+                parts.append(w1[e, rows, :].t().reshape(-1))
+        parts += [w2[e, c0:c0 + pw2, :].t().reshape(-1) for c0 in range(0, d, pw2)]
         per_expert.append(torch.cat(parts))
     return torch.stack(per_expert)
 
@@ -140,7 +140,7 @@ def test_packed_panels_are_the_weights_in_the_documented_layout(d, f, dtype, lay
         assert w1.stride(2) == 2 and w2.stride(2) == 2
     want = packed_by_the_layout(w1, w2, gated=True, interleaved=layout == "interleaved")
     got = ops.pack_expert_weights(w1, w2, "swiglu", layout == "interleaved")
-    assert torch.equal(got, want)
+    assert got.dtype == dtype and torch.equal(got, want)  # one copy of the weights, in their dtype
 
 
 @needs_microkernel
@@ -164,6 +164,7 @@ def test_thread_count_and_batch_do_not_change_a_rows_output():
 @pytest.mark.parametrize("bad, message", [
     (lambda p: p[:, :-1], "packed: expected shape"),
     (lambda p: p.double(), "packed: expected dtype"),
+    (lambda p: p.bfloat16(), "packed: expected dtype"),  # panels in another dtype than x
     (lambda p: p.t().contiguous().t(), "packed: expected a contiguous"),
     (lambda p: p[:2], "packed: expected shape"),
 ])
@@ -191,6 +192,9 @@ def test_pack_argument_errors():
         ops.pack_expert_weights(w1[:, :8], w2, "relu", True)
     with pytest.raises(RuntimeError, match="w2: expected dtype"):
         ops.pack_expert_weights(w1, w2.bfloat16())
+    out = ops.pack_expert_weights(w1, w2)
+    with pytest.raises(RuntimeError, match="packed: expected dtype"):  # an old buffer of float32 panels
+        ops.pack_expert_weights(w1.bfloat16(), w2.bfloat16(), out=out)
 
 
 # --- MoELayer's cache --------------------------------------------------------------------------
@@ -206,19 +210,26 @@ def twin_layers(dtype=torch.float32, **options):
 def same_output(packed, plain, x):
     with torch.no_grad():
         got, want = packed(x), plain(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-2  # bf16: either side may round a sum differently
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     return got
 
 
 @needs_microkernel
-def test_cache_is_reused_while_the_weights_are_unchanged():
-    layer, plain = twin_layers()
-    x = torch.randn(20, 32)
+@pytest.mark.parametrize("dtype", [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not ops.packed_kernels_available(torch.bfloat16), reason="bf16 packs only where the CPU has no bf16 GEMMs")),
+])
+def test_cache_is_reused_while_the_weights_are_unchanged(dtype):
+    layer, plain = twin_layers(dtype)
+    x = torch.randn(20, 32).to(dtype)
     same_output(layer, plain, x)
     first = layer._packed.tensor
     same_output(layer, plain, x)
     assert layer._packed.tensor is first
-    assert layer.packed_weights_bytes == first.nbytes == 6 * (96 * 32 + 32 * 48) * 4
+    # One copy of the expert weights, in their own dtype.
+    assert layer.packed_weights_bytes == first.nbytes == 6 * (96 * 32 + 32 * 48) * dtype.itemsize
     assert plain.packed_weights_bytes == 0
 
 

@@ -125,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   const PackedFfn pf{x, packed.value_or(at::Tensor()), b1, b2, hidden, a, y, s,
                      PackedLayout(s.d, s.f, gated ? 2 : 1), act, gate_up_interleaved};
   // With packed weights, blocks run on the panels, except few-row blocks of reduced-precision
-  // experts: their original weights are half the bytes of the float32 panels, and reading the
-  // weights is all such a block costs.
+  // experts: the few-rows kernel reads their original weights (as many bytes as the panels)
+  // without first widening a whole panel to float32, which would cost more than their GEMM.
   const bool reduced = at::isReducedFloatingType(x.scalar_type());
   const auto on_panels = [&](const Block& b) { return pf.packed.defined() && !(reduced && b.n <= kFewRows); };
   const int64_t align1 = pf.packed.defined() ? pf.layout.pw1 : 16, align2 = pf.packed.defined() ? pf.layout.pw2 : 16;

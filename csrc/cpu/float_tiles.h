@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/transpose_to_float.h"
+#include "cpu/to_float.h"
 
 namespace sparsemoe {
 
@@ -19,9 +19,7 @@ const float* float_rows(const T* rows, int64_t ld, int64_t n, int64_t width, std
     if (ld == width) return rows;
   }
   scratch.resize(static_cast<size_t>(n * width));
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t c = 0; c < width; ++c) scratch[r * width + c] = static_cast<float>(rows[r * ld + c]);
-  }
+  for (int64_t r = 0; r < n; ++r) widen_to_float<T>(rows + r * ld, width, scratch.data() + r * width);
   return scratch.data();
 }
 

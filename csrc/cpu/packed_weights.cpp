@@ -9,12 +9,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
 #include "checks.h"
 #include "cpu/fresh_buffers.h"
-#include "cpu/transpose_to_float.h"
+#include "cpu/to_float.h"
 #include "ffn_checks.h"
 
 namespace sparsemoe {
@@ -76,19 +77,29 @@ bool probe_microkernel() {
 #endif
 }
 
-// One panel: P[k * width + c] = src[c * s_col + k * s_k] as float, for c < width, k < K.
-// Row-major weights (s_k = 1) are transposed; column-major ones (s_col = 1) are already in the
-// panel's order, row by row.
+// One panel: P[k * width + c] = src[c * s_col + k * s_k], for c < width, k < K. Row-major
+// weights (s_k = 1) are transposed (bfloat16 / float16 through a float32 tile, exact both ways);
+// column-major ones (s_col = 1) are already in the panel's order, row by row.
 template <typename T>
-void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K, float* P) {
-  if (s_k == 1) return transpose_to_float<T>(src, s_col, width, K, P, width);
+void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K, T* P) {
+  if (s_k == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      return transpose_to_float<T>(src, s_col, width, K, P, width);
+    } else {
+      thread_local std::vector<float> tile;
+      tile.resize(static_cast<size_t>(K * width));
+      transpose_to_float<T>(src, s_col, width, K, tile.data(), width);
+      for (int64_t i = 0; i < K * width; ++i) P[i] = static_cast<T>(tile[i]);
+      return;
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     const T* s = src + k * s_k;
-    float* p = P + k * width;
+    T* p = P + k * width;
     if (s_col == 1) {
-      for (int64_t c = 0; c < width; ++c) p[c] = static_cast<float>(s[c]);
+      std::copy(s, s + width, p);
     } else {
-      for (int64_t c = 0; c < width; ++c) p[c] = static_cast<float>(s[c * s_col]);
+      for (int64_t c = 0; c < width; ++c) p[c] = s[c * s_col];
     }
   }
 }
@@ -103,8 +114,8 @@ PackedLayout packed_layout_of(const at::Tensor& w1, const at::Tensor& w2, c10::s
   check_floating(w1, "w1");
   check_dtype(w2, "w2", w1.scalar_type());
   check_same_device(w1, "w1", w2, "w2");
-  TORCH_CHECK(w1.scalar_type() != at::kDouble, "w1: expected float32, bfloat16 or float16 weights (the packed "
-              "panels are float32), got float64");
+  TORCH_CHECK(w1.scalar_type() != at::kDouble, "w1: expected float32, bfloat16 or float16 weights (the "
+              "micro-kernel is float32), got float64");
   const bool gated = is_gated(act);
   const int64_t E = w1.size(0), d = w1.size(2), f = w2.size(2);
   check_size(w2, "w2", 0, E, "E, from w1");
@@ -113,7 +124,7 @@ PackedLayout packed_layout_of(const at::Tensor& w1, const at::Tensor& w2, c10::s
   return PackedLayout(d, f, gated ? 2 : 1);
 }
 
-void pack_into(float* out, const at::Tensor& w1, const at::Tensor& w2, const PackedLayout& L,
+void pack_into(const at::Tensor& packed, const at::Tensor& w1, const at::Tensor& w2, const PackedLayout& L,
                bool gate_up_interleaved) {
   const int64_t E = w1.size(0), d = L.d, f = L.f;
   // One task per (expert, panel): w1's panels of both halves, then w2's.
@@ -122,10 +133,11 @@ void pack_into(float* out, const at::Tensor& w1, const at::Tensor& w2, const Pac
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "pack_expert_weights", [&] {
     const scalar_t* a1 = w1.data_ptr<scalar_t>();
     const scalar_t* a2 = w2.data_ptr<scalar_t>();
+    scalar_t* out = packed.data_ptr<scalar_t>();
     at::parallel_for(0, E * per, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t e = t / per, j = t % per;
-        float* P = out + e * L.per_expert();
+        scalar_t* P = out + e * L.per_expert();
         if (j < L.halves * p1) {
           const int64_t h = j / p1, c0 = (j % p1) * L.pw1, width = std::min(L.pw1, f - c0);
           // Activation column c of half h is w1 row 2c + h (interleaved) or h * f + c.
@@ -147,8 +159,8 @@ at::Tensor pack_expert_weights_cpu(const at::Tensor& w1, const at::Tensor& w2, c
                                    bool gate_up_interleaved) {
   const PackedLayout L = packed_layout_of(w1, w2, activation, gate_up_interleaved);
   // As large as the weights: huge pages keep its first-touch page faults from costing more than the copy.
-  at::Tensor packed = empty_large({w1.size(0), L.per_expert()}, w1.options().dtype(at::kFloat));
-  pack_into(packed.data_ptr<float>(), w1, w2, L, gate_up_interleaved);
+  at::Tensor packed = empty_large({w1.size(0), L.per_expert()}, w1.options());
+  pack_into(packed, w1, w2, L, gate_up_interleaved);
   return packed;
 }
 
@@ -158,12 +170,12 @@ void pack_expert_weights_into_cpu(const at::Tensor& packed, const at::Tensor& w1
                                   c10::string_view activation, bool gate_up_interleaved) {
   const PackedLayout L = packed_layout_of(w1, w2, activation, gate_up_interleaved);
   check_same_device(w1, "w1", packed, "packed");
-  check_dtype(packed, "packed", at::kFloat);
+  check_dtype(packed, "packed", w1.scalar_type());
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == w1.size(0) && packed.size(1) == L.per_expert(),
               "packed: expected shape [", w1.size(0), ", ", L.per_expert(), "] (the packed size of w1 and w2), got ",
               shape_str(packed));
   TORCH_CHECK(packed.is_contiguous(), "packed: expected a contiguous tensor (as pack_expert_weights returns it)");
-  pack_into(packed.data_ptr<float>(), w1, w2, L, gate_up_interleaved);
+  pack_into(packed, w1, w2, L, gate_up_interleaved);
 }
 
 bool cpu_has(const char* feature) {
@@ -196,9 +208,9 @@ bool microkernel_pays(at::ScalarType dtype) {
 void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout) {
   TORCH_CHECK(packed.device().is_cpu(), "packed: expected a CPU tensor (the packed weights are a CPU kernel's), "
               "got one on ", packed.device());
-  check_dtype(packed, "packed", at::kFloat);
-  TORCH_CHECK(x.scalar_type() != at::kDouble, "packed: expected None for float64 x_sorted (the packed panels are "
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "packed: expected None for float64 x_sorted (the micro-kernel is "
               "float32), got a packed tensor");
+  check_dtype(packed, "packed", x.scalar_type());
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == E && packed.size(1) == layout.per_expert(),
               "packed: expected shape [", E, ", ", layout.per_expert(),
               "] (pack_expert_weights of these w1 and w2), got ", shape_str(packed));

@@ -10,7 +10,10 @@
 // it. A block of output columns is then a few micro-kernel calls on panels that sit contiguously
 // in memory, whatever layout (row-major, column-major, interleaved gate/up) the weights had.
 //
-// Packed layout, float32, one row of `per_expert()` elements per expert:
+// Packed layout, in the weights' dtype (float32, bfloat16 or float16: bfloat16 / float16 panels
+// are widened exactly to float32 where a block multiplies them, which costs one pass over the
+// panel against the block's rows' multiply-adds, and streams half the bytes from memory), one row
+// of `per_expert()` elements per expert:
 //   w1 part: for each half h (gate, then up; one half for ungated activations) the activation
 //            columns [0, f) in panels of pw1 columns; the panel of columns [c0, c0 + w) holds
 //            P[k * w + c] = w1[row(h, c0 + c), k] for k < d, and starts at (h * f + c0) * d.
@@ -68,7 +71,7 @@ bool panel_gemm_is_microkernel();
 // are emulated and several times slower, while on the others oneDNN's own are faster.
 bool microkernel_pays(at::ScalarType dtype);
 
-// Checks `packed` against the shapes of the FFN it was packed for (float32, CPU, [E, per_expert]).
+// Checks `packed` against the shapes of the FFN it was packed for (x's dtype, CPU, [E, per_expert]).
 void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout);
 
 }  // namespace sparsemoe

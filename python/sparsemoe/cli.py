@@ -216,7 +216,7 @@ def run_info(args) -> int:
     bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none (emulated)")
     print(f"bfloat16 GEMM hardware: {bf16}")
     ops = sparsemoe.ops
-    packed = ("oneDNN micro-kernel (cpublas::brgemm) on float32 panels; bfloat16 "
+    packed = ("oneDNN micro-kernel (cpublas::brgemm, float32 arithmetic) on panels; bfloat16 "
               + ("widened onto it (no native bf16 GEMM here)" if ops.packed_kernels_available(torch.bfloat16)
                  else "on ATen's native bf16 GEMMs")
               if ops.packed_kernels_available()

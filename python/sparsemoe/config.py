@@ -92,8 +92,11 @@ class MoEConfig:
     expert_parallel_group: Any = field(default=None, compare=False, metadata=RUNTIME)  # ProcessGroup / 1-D DeviceMesh
     pad_to_capacity: bool = field(default=False, compare=False, metadata=RUNTIME)  # fixed [E, C] buffers
     # CPU: keep the expert weights packed for the GEMM micro-kernel (ops.pack_expert_weights), one
-    # more float32 copy of them, rebuilt when they change. False for memory-bound cases.
+    # more copy of them in their dtype, rebuilt when they change. False for memory-bound cases.
     packed_weights: bool = field(default=True, compare=False, metadata=RUNTIME)
+    # CPU, float32: each token's output bitwise independent of the rest of the batch and of the
+    # thread count (router, shared expert and experts on fixed-order micro-kernel reductions).
+    batch_invariant: bool = field(default=False, compare=False, metadata=RUNTIME)
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts"):
@@ -145,6 +148,12 @@ class MoEConfig:
             raise ValueError(f"pad_to_capacity: expected True or False, got {self.pad_to_capacity!r}")
         if self.pad_to_capacity and self.expert_capacity is None and self.capacity_factor is None:
             raise ValueError("pad_to_capacity: needs a capacity (expert_capacity or capacity_factor) to pad to")
+        if self.batch_invariant and not self.packed_weights:
+            raise ValueError("batch_invariant: needs packed_weights=True (the experts' fixed-order reductions run "
+                             "on the packed panels)")
+        if self.batch_invariant and self.expert_parallel_group is not None:
+            raise ValueError("batch_invariant: not available with expert_parallel_group (the experts of other "
+                             "ranks run through the BLAS)")
         if self.expert_parallel_group is not None:
             world = group_size(self.expert_parallel_group)
             if E % world:

@@ -7,6 +7,7 @@ import math
 from dataclasses import fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed, ops
@@ -126,9 +127,12 @@ class MoELayer(nn.Module):
                              f"or run under torch.autocast), got {x.dtype}")
         shape = x.shape
         tokens = x.reshape(-1, cfg.d_model)
+        if cfg.batch_invariant:
+            self._check_batch_invariant(x, autocast)
+        linear = ops.fixed_order_linear if cfg.batch_invariant else F.linear
         # The router reads the input as given: under autocast its linear is autocast like any
         # nn.Linear, unless router_dtype asks for a wider dtype.
-        logits = self.router(tokens)
+        logits = self.router(tokens, linear)
         w1, w2, b1, b2 = self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias
         if autocast:
             # Custom ops are not autocast by torch: run the experts in the autocast dtype the
@@ -172,9 +176,9 @@ class MoELayer(nn.Module):
                                                token_groups=groups)
         if ep is None:
             packed = (self._packed.get((self.gate_up_proj, self.down_proj), w1, w2, cfg.activation, False,
-                                       send.shape[0]) if cfg.packed_weights else None)
+                                       send.shape[0], always=cfg.batch_invariant) if cfg.packed_weights else None)
             y = ops.expert_ffn(send, offsets, w1, w2, packed=packed, **experts)
-            shared = self._shared_expert_output(tokens)
+            shared = self._shared_expert_output(tokens, linear)
         elif pad:
             shared = self._shared_expert_output(tokens)
             y = distributed.run_experts_padded(ep, send, per_expert, w1, w2, experts)
@@ -200,13 +204,27 @@ class MoELayer(nn.Module):
         """Memory held by the packed copy of the expert weights (0 when there is none)."""
         return self._packed.nbytes
 
-    def _shared_expert_output(self, tokens: Tensor) -> Tensor | None:
+    def _shared_expert_output(self, tokens: Tensor, linear=F.linear) -> Tensor | None:
         if self.shared_expert is None:
             return None
-        shared = self.shared_expert(tokens)
+        shared = self.shared_expert(tokens, linear)
         if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(tokens).to(shared.dtype)) * shared
+            gate = linear(tokens, self.shared_expert_gate.weight.to(tokens.dtype))
+            shared = torch.sigmoid(gate.to(shared.dtype)) * shared
         return shared
+
+    def _check_batch_invariant(self, x: Tensor, autocast: bool) -> None:
+        # The fixed-order reductions exist for float32 on oneDNN's CPU micro-kernel only; elsewhere
+        # the layer would silently run batch-dependent GEMMs.
+        where = ("a CPU tensor" if x.device.type != "cpu" else "float32" if x.dtype != torch.float32
+                 else "no autocast" if autocast else "eager mode" if torch.compiler.is_compiling() else None)
+        if where is not None:
+            got = {"a CPU tensor": x.device, "float32": x.dtype, "no autocast": "autocast enabled",
+                   "eager mode": "torch.compile"}[where]
+            raise ValueError(f"batch_invariant: expected {where} (float32 CPU micro-kernel reductions), got {got}")
+        if not ops.packed_kernels_available():
+            raise ValueError("batch_invariant: needs oneDNN's GEMM micro-kernel (torch's cpublas::brgemm, x86-64 "
+                             "with AVX2 or newer), which this torch or CPU does not have")
 
     # The statistics are computed from the last forward's routing when first read, so a forward
     # whose caller reads none of them (inference, decoding) does not pay for them: at one token

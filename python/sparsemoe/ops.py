@@ -151,9 +151,10 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
 def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
                         gate_up_interleaved: bool = False, out: Tensor | None = None) -> Tensor:
     """w1 [E, F1, d] and w2 [E, d, f] (any layout, float32 / bfloat16 / float16) packed into the CPU
-    micro-kernel's float32 column panels -> [E, F1*d + d*f], for ``expert_ffn(..., packed=)``.
-    Its memory is one float32 copy of the expert weights. ``out``, an earlier result for weights
-    of the same shapes, is overwritten instead of allocating (faster: no fresh pages to fault in)."""
+    micro-kernel's column panels -> [E, F1*d + d*f] in the weights' dtype, for
+    ``expert_ffn(..., packed=)``. Its memory is one copy of the expert weights. ``out``, an earlier
+    result for weights of the same shapes and dtype, is overwritten instead of allocating (faster:
+    no fresh pages to fault in)."""
     if out is not None:
         _ops.pack_expert_weights_into(out, w1.detach(), w2.detach(), activation, gate_up_interleaved)
         return out
@@ -178,7 +179,7 @@ def _(packed, w1, w2, activation, gate_up_interleaved=False):
 def _(w1, w2, activation, gate_up_interleaved=False):
     torch._check(w1.dim() == 3 and w2.dim() == 3, lambda: "w1, w2: expected [E, F1, d] and [E, d, f]")
     E, F1, d = w1.shape
-    return w1.new_empty((E, F1 * d + d * w2.shape[2]), dtype=torch.float32)
+    return w1.new_empty((E, F1 * d + d * w2.shape[2]))
 
 
 def _check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
@@ -228,6 +229,41 @@ def _expert_ffn_backward(ctx, grad_y, grad_hidden):
 torch.library.register_autograd("sparsemoe::expert_ffn", _expert_ffn_backward,
                                 setup_context=_expert_ffn_setup)
 torch.library.register_autograd("sparsemoe::expert_ffn_backward", _no_double_backward("expert_ffn"))
+
+
+# --- fixed_order_linear ------------------------------------------------------------------------
+
+
+def fixed_order_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x [T, d] @ weight [E, d]^T + bias [E]`` on the CPU, each output element one float32
+    reduction in an order fixed by d alone: a row's output is bitwise the same whatever other rows
+    share the call and whatever the thread count (``F.linear`` through the BLAS is not). Needs
+    oneDNN's micro-kernel (``packed_kernels_available()``). The backward is plain matmuls."""
+    return _ops.fixed_order_linear(x, weight, bias)
+
+
+@torch.library.register_fake("sparsemoe::fixed_order_linear")
+def _(x, weight, bias=None):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x, weight: expected [T, d] and [E, d]")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _fixed_order_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _fixed_order_linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+    grad_w = grad_out.t() @ x if ctx.needs_input_grad[1] else None
+    grad_b = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+torch.library.register_autograd("sparsemoe::fixed_order_linear", _fixed_order_linear_backward,
+                                setup_context=_fixed_order_linear_setup)
 
 
 # --- combine -----------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ class PackedWeights:
         self._storages: list[StorageWeakRef] = []  # keep the keyed storages' identities unique
 
     def get(self, sources: tuple[Tensor, ...], w1: Tensor, w2: Tensor, activation: str,
-            gate_up_interleaved: bool, rows: int) -> Tensor | None:
+            gate_up_interleaved: bool, rows: int, always: bool = False) -> Tensor | None:
         """The panels of w1 and w2 (computed from the parameters `sources`), or None to run on w1
-        and w2 themselves; `rows` is the number of rows the experts will see."""
+        and w2 themselves; `rows` is the number of rows the experts will see. `always` packs in
+        training steps too (a batch-invariant layer's experts run on the panels only)."""
         if (w1.device.type != "cpu" or w1.dtype == torch.float64 or torch.compiler.is_compiling()
                 or not ops.packed_kernels_available(w1.dtype)):
             self.clear()
@@ -49,12 +50,12 @@ class PackedWeights:
         if self.tensor is not None and self.key == key:
             return self.tensor
         E = w1.shape[0]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
+        if not always and torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
                 w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * E):
             self.clear()  # stale panels: free them
             return None
-        # Repack into the stale panels' buffer when the shapes still match (no allocation).
-        stale = self.tensor if self.key is not None and all(
+        # Repack into the stale panels' buffer when the dtype and shapes still match (no allocation).
+        stale = self.tensor if self.key is not None and self.key[0] == key[0] and all(
             a[3] == b[3] for a, b in zip(self.key[1:], key[1:])) else None
         self.clear()
         self.tensor = ops.pack_expert_weights(w1, w2, activation, gate_up_interleaved, out=stale)

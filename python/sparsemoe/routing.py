@@ -44,7 +44,9 @@ class Router(nn.Module):
         if self.selection_bias is not None:
             self.selection_bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, linear=F.linear) -> Tensor:
+        """``linear`` computes the logits (``F.linear``'s signature; a batch-invariant layer passes
+        ``ops.fixed_order_linear``)."""
         dtype = self.dtype_override or x.dtype
         x = x.to(dtype)
         if self.training and self.jitter > 0:
@@ -52,10 +54,10 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         bias = None if self.bias is None else self.bias.to(dtype)
         if self.dtype_override is None:
-            return F.linear(x, self.weight.to(dtype), bias)
+            return linear(x, self.weight.to(dtype), bias)
         # An explicit router dtype wins over autocast (DeepSeek-V3 and Switch route in float32).
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, self.weight.to(dtype), bias)
+            return linear(x, self.weight.to(dtype), bias)
 
     def _apply(self, fn, recurse=True):
         # module.to(bfloat16) must not round the selection bias: its update steps (about 1e-3)

@@ -1,14 +1,14 @@
-// Transposes into float32 (cpu/transpose_to_float.h). A scalar transpose writes one element per
+// Transposes and widening into float32 (cpu/to_float.h). A scalar transpose writes one element per
 // cache line it touches and ran at a third of a plain copy's speed when packing the expert
 // weights; an 8 x 8 tile moved through eight AVX2 registers reads and writes whole 32-byte rows.
-#include "cpu/transpose_to_float.h"
+#include "cpu/to_float.h"
 
 #include <algorithm>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define SPARSEMOE_X86_TRANSPOSE 1
+#define SPARSEMOE_X86_TO_FLOAT 1
 #endif
 
 namespace sparsemoe {
@@ -22,7 +22,7 @@ void transpose_scalar(const T* src, int64_t ld_src, int64_t r0, int64_t r1, int6
   }
 }
 
-#if defined(SPARSEMOE_X86_TRANSPOSE)
+#if defined(SPARSEMOE_X86_TO_FLOAT)
 
 // Eight consecutive elements of a row as float32 (bfloat16 is the high half of a float32,
 // float16 widens exactly through F16C).
@@ -78,6 +78,13 @@ __attribute__((target("avx2,f16c"))) void transpose_avx2(const T* src, int64_t l
   transpose_scalar(src, ld_src, R, rows, 0, cols, dst, ld_dst);
 }
 
+template <typename T>
+__attribute__((target("avx2,f16c"))) void widen_avx2(const T* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return ok;
@@ -90,7 +97,7 @@ bool cpu_has_avx2() {
 template <typename T>
 void transpose_to_float(const T* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
   if (rows <= 0 || cols <= 0) return;
-#if defined(SPARSEMOE_X86_TRANSPOSE)
+#if defined(SPARSEMOE_X86_TO_FLOAT)
   if constexpr (!std::is_same_v<T, double>) {
     if (cpu_has_avx2()) return transpose_avx2<T>(src, ld_src, rows, cols, dst, ld_dst);
   }
@@ -103,6 +110,21 @@ void transpose_to_float(const T* src, int64_t ld_src, int64_t rows, int64_t cols
     }
   }
 }
+
+template <typename T>
+void widen_to_float(const T* src, int64_t n, float* dst) {
+#if defined(SPARSEMOE_X86_TO_FLOAT)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu_has_avx2()) return widen_avx2<T>(src, n, dst);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template void widen_to_float<double>(const double*, int64_t, float*);
+template void widen_to_float<float>(const float*, int64_t, float*);
+template void widen_to_float<c10::BFloat16>(const c10::BFloat16*, int64_t, float*);
+template void widen_to_float<c10::Half>(const c10::Half*, int64_t, float*);
 
 template void transpose_to_float<double>(const double*, int64_t, int64_t, int64_t, float*, int64_t);
 template void transpose_to_float<float>(const float*, int64_t, int64_t, int64_t, float*, int64_t);

@@ -1,5 +1,6 @@
-// Transposing a matrix into float32 (widening bfloat16 / float16 exactly): the packing of the
-// expert weights into the micro-kernel's panels and the backward's transposed operands.
+// Moving bfloat16 / float16 / float32 values into float32 for the GEMM micro-kernel, widening
+// exactly: transposed (the packing of the expert weights into panels, the backward's transposed
+// operands) or in order (the rows and panels a block multiplies).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -15,5 +16,9 @@ namespace sparsemoe {
 // only rounds, element by element).
 template <typename T>
 void transpose_to_float(const T* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst);
+
+// dst[i] = float(src[i]) for i < n, eight at a time where the CPU has AVX2.
+template <typename T>
+void widen_to_float(const T* src, int64_t n, float* dst);
 
 }  // namespace sparsemoe
