@@ -74,7 +74,7 @@ TORCH_LIBRARY(sparsemoe, m) {
   // out [T,E] = x [T,d] @ weight [E,d]^T + bias [E] (CPU; float32, bfloat16 or float16, accumulated
   // in float32 and rounded once), each output element one reduction over d in an order fixed by d
   // alone (oneDNN's micro-kernel): a row's output is bitwise the same whatever rows share the call
-  // and whatever the thread count. The router and shared experts of a batch-invariant layer.
+  // and whatever the thread count. The router of a batch-invariant layer.
   m.def("fixed_order_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
   // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias

@@ -87,7 +87,7 @@ def test_fixed_order_linear_rows_do_not_depend_on_the_batch_or_threads():
 
 def invariant_layer(**options):
     torch.manual_seed(0)
-    options = {"shared_expert_d_ff": 40, "shared_expert_gate": True, "router_bias": True, **options}
+    options = {"router_bias": True, **options}
     options = {"num_experts": 8, "top_k": 2, **options}
     layer = sparsemoe.MoELayer(48, 64, batch_invariant=True, **options)
     torch.nn.init.normal_(layer.router.weight, std=48 ** -0.5)
@@ -102,7 +102,9 @@ def batches_around(token, sizes=(1, 7, 64, 300)):
         yield torch.cat([others[:at], token[None], others[at + 1:]]), at
 
 
-@pytest.mark.parametrize("options", [{}, {"activation": "gelu", "expert_bias": True}, {"top_k": 1, "num_experts": 64}])
+@pytest.mark.parametrize("options", [{}, {"activation": "gelu", "expert_bias": True}, {"top_k": 1, "num_experts": 64},
+                                     {"scoring": "sigmoid", "selection_bias": True, "num_groups": 4, "topk_groups": 2},
+                                     {"weights_on_input": True, "top_k": 1}])
 def test_a_tokens_output_is_bitwise_the_same_in_any_batch(options):
     layer = invariant_layer(**options)
     token = torch.randn(48)
@@ -117,7 +119,7 @@ def test_a_tokens_output_is_bitwise_the_same_in_any_batch(options):
 
 def test_batch_invariant_layer_matches_the_plain_layer():
     layer = invariant_layer()
-    plain = sparsemoe.MoELayer(48, 64, 8, 2, shared_expert_d_ff=40, shared_expert_gate=True, router_bias=True)
+    plain = sparsemoe.MoELayer(48, 64, 8, 2, router_bias=True)
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(3, 50, 48)
     with torch.no_grad():
@@ -146,8 +148,21 @@ def test_bfloat16_and_autocast_are_refused():
         layer.bfloat16()(x.bfloat16())
 
 
-def test_batch_invariant_config_errors():
-    with pytest.raises(ValueError, match="batch_invariant: needs packed_weights=True"):
-        sparsemoe.MoEConfig(d_model=48, d_ff=64, num_experts=8, top_k=2, batch_invariant=True, packed_weights=False)
+# What would tie a token's output to the rest of its batch is refused when the config is made.
+@pytest.mark.parametrize("options, reason", [
+    ({"packed_weights": False}, "packed_weights=False"),
+    ({"capacity_factor": 1.25}, "a capacity or expert_choice"),
+    ({"expert_capacity": 4}, "a capacity or expert_choice"),
+    ({"routing": "expert_choice"}, "a capacity or expert_choice"),
+    ({"shared_expert_d_ff": 40}, "a shared expert"),
+    ({"router_jitter": 0.01}, "router_jitter"),
+    ({"router_dtype": torch.float64}, "router_dtype=torch.float64"),
+])
+def test_batch_invariant_config_refuses_what_depends_on_the_batch(options, reason):
+    with pytest.raises(ValueError, match=f"batch_invariant: not available with {reason}"):
+        sparsemoe.MoEConfig(d_model=48, d_ff=64, num_experts=8, top_k=2, batch_invariant=True, **options)
+
+
+def test_batch_invariant_must_be_a_bool():
     with pytest.raises(ValueError, match="batch_invariant: expected True or False"):
         sparsemoe.MoEConfig(d_model=48, d_ff=64, num_experts=8, top_k=2, batch_invariant=1)

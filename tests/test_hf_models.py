@@ -416,7 +416,7 @@ def test_packed_weights_can_be_reported_freed_and_turned_off(checkpoints):
         with torch.no_grad():
             want = eager(**inputs).logits
             ours(**inputs)
-            assert hf.packed_weights_bytes(ours) == expert_bytes  # one float32 copy of the experts
+            assert hf.packed_weights_bytes(ours) == expert_bytes  # one copy of the (float32) experts
             hf.clear_packed_weights(ours)
             assert hf.packed_weights_bytes(ours) == 0
             ours(**inputs)

@@ -68,8 +68,10 @@ def test_forward_matches_reference_fp32(act, bias, layout):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act", ["swiglu", "clamped_swiglu", "gelu"])
-def test_forward_low_precision_within_twice_plain_pytorch(dtype, act):
-    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 64, 48, len(COUNTS), act, dtype=dtype, counts=COUNTS)
+# (300, 200): bf16 / fp16 panels deeper than one widened slice of 128 reductions, with a tail.
+@pytest.mark.parametrize("d, f", [(64, 48), (300, 200)])
+def test_forward_low_precision_within_twice_plain_pytorch(dtype, act, d, f):
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), d, f, len(COUNTS), act, dtype=dtype, counts=COUNTS)
     got, exact = packed_and_exact(x, off, w1, w2, act, b1, b2)
     plain = reference.expert_ffn(x, off, w1, w2, act, b1, b2, **KW)
     assert got.dtype == dtype

@@ -1,6 +1,6 @@
 // A linear layer whose every output element is one float32 reduction in an order fixed by the
-// reduction length alone (csrc/ops.cpp: fixed_order_linear): the router's logits and the shared
-// experts' projections of a batch-invariant MoE layer. The BLAS picks its blocking, and with it
+// reduction length alone (csrc/ops.cpp: fixed_order_linear): the router logits of a
+// batch-invariant MoE layer. The BLAS picks its blocking, and with it
 // the order of each sum, from the whole problem's shape, so a token's logits change in their last
 // bits with the batch around it; oneDNN's micro-kernel (cpu/packed_weights.h: panel_gemm) sums
 // each element over K in the same tiles whatever M is, and the rows are split over threads in

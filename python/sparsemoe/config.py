@@ -95,7 +95,7 @@ class MoEConfig:
     # more copy of them in their dtype, rebuilt when they change. False for memory-bound cases.
     packed_weights: bool = field(default=True, compare=False, metadata=RUNTIME)
     # CPU, float32: each token's output bitwise independent of the rest of the batch and of the
-    # thread count (router, shared expert and experts on fixed-order micro-kernel reductions).
+    # thread count (router and experts on fixed-order micro-kernel reductions).
     batch_invariant: bool = field(default=False, compare=False, metadata=RUNTIME)
 
     def __post_init__(self):
@@ -148,12 +148,8 @@ class MoEConfig:
             raise ValueError(f"pad_to_capacity: expected True or False, got {self.pad_to_capacity!r}")
         if self.pad_to_capacity and self.expert_capacity is None and self.capacity_factor is None:
             raise ValueError("pad_to_capacity: needs a capacity (expert_capacity or capacity_factor) to pad to")
-        if self.batch_invariant and not self.packed_weights:
-            raise ValueError("batch_invariant: needs packed_weights=True (the experts' fixed-order reductions run "
-                             "on the packed panels)")
-        if self.batch_invariant and self.expert_parallel_group is not None:
-            raise ValueError("batch_invariant: not available with expert_parallel_group (the experts of other "
-                             "ranks run through the BLAS)")
+        if self.batch_invariant:
+            self._check_batch_invariant()
         if self.expert_parallel_group is not None:
             world = group_size(self.expert_parallel_group)
             if E % world:
@@ -162,6 +158,22 @@ class MoEConfig:
             if world > 1 and self.routing == "expert_choice":
                 raise ValueError("routing: expert_choice needs the whole batch on every expert, so it does not "
                                  "combine with expert_parallel_group")
+
+    def _check_batch_invariant(self) -> None:
+        # What would make a token's output depend on the rest of its batch, with the reason.
+        conflicts = [
+            (not self.packed_weights, "packed_weights=False (the experts' fixed-order reductions run on the panels)"),
+            (self.expert_parallel_group is not None, "expert_parallel_group (other ranks' experts run on the BLAS)"),
+            (self.expert_capacity is not None or self.capacity_factor is not None or self.routing == "expert_choice",
+             "a capacity or expert_choice routing (which picks are dropped depends on the other tokens)"),
+            (self.shared_expert_d_ff > 0, "a shared expert (its activation runs in torch's elementwise kernels, "
+                                          "whose last bits depend on where an element falls in the tensor)"),
+            (self.router_jitter > 0, "router_jitter (fresh noise for every batch)"),
+            (self.router_dtype not in (None, torch.float32), f"router_dtype={self.router_dtype} (float32 only)"),
+        ]
+        for conflict, what in conflicts:
+            if conflict:
+                raise ValueError(f"batch_invariant: not available with {what}")
 
     def __deepcopy__(self, memo):
         return self  # immutable; a copy of a layer shares its process group

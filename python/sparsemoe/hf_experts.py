@@ -203,21 +203,20 @@ def register(on_unsupported: str = "warn", packed_weights: bool = True) -> None:
 
     ``on_unsupported``: what an experts module the kernels cannot run does: "warn" (once per
     class and reason, then transformers' eager experts run) or "error" (UnsupportedExperts).
-    ``packed_weights``: on CPU, keep a packed float32 copy of each experts module's weights for
-    the GEMM micro-kernel (sparsemoe.packing); False runs on the weights alone and frees the
-    copies already made at each module's next forward (``clear_packed_weights`` frees them now).
+    ``packed_weights``: on CPU, keep a packed copy of each experts module's weights (in their
+    dtype) for the GEMM micro-kernel (sparsemoe.packing); False runs on the weights alone and frees
+    the copies already made at each module's next forward (``clear_packed_weights`` frees them now).
     """
     if on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(f"on_unsupported: expected one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
     if not isinstance(packed_weights, bool):
         raise ValueError(f"packed_weights: expected True or False, got {packed_weights!r}")
-    _settings["packed_weights"] = packed_weights
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as err:
         raise ImportError("sparsemoe.hf.register needs transformers >= 5 (its ExpertsInterface); "
                           f"for transformers 4.x use sparsemoe.hf.patch_moe_blocks ({err})") from err
-    _settings["on_unsupported"] = on_unsupported
+    _settings.update(on_unsupported=on_unsupported, packed_weights=packed_weights)
     ExpertsInterface.register(NAME, experts_forward)
 
 

@@ -178,7 +178,7 @@ class MoELayer(nn.Module):
             packed = (self._packed.get((self.gate_up_proj, self.down_proj), w1, w2, cfg.activation, False,
                                        send.shape[0], always=cfg.batch_invariant) if cfg.packed_weights else None)
             y = ops.expert_ffn(send, offsets, w1, w2, packed=packed, **experts)
-            shared = self._shared_expert_output(tokens, linear)
+            shared = self._shared_expert_output(tokens)
         elif pad:
             shared = self._shared_expert_output(tokens)
             y = distributed.run_experts_padded(ep, send, per_expert, w1, w2, experts)
@@ -204,13 +204,12 @@ class MoELayer(nn.Module):
         """Memory held by the packed copy of the expert weights (0 when there is none)."""
         return self._packed.nbytes
 
-    def _shared_expert_output(self, tokens: Tensor, linear=F.linear) -> Tensor | None:
+    def _shared_expert_output(self, tokens: Tensor) -> Tensor | None:
         if self.shared_expert is None:
             return None
-        shared = self.shared_expert(tokens, linear)
+        shared = self.shared_expert(tokens)
         if self.shared_expert_gate is not None:
-            gate = linear(tokens, self.shared_expert_gate.weight.to(tokens.dtype))
-            shared = torch.sigmoid(gate.to(shared.dtype)) * shared
+            shared = torch.sigmoid(self.shared_expert_gate(tokens).to(shared.dtype)) * shared
         return shared
 
     def _check_batch_invariant(self, x: Tensor, autocast: bool) -> None:

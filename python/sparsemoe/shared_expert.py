@@ -26,18 +26,16 @@ class SharedExpert(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=False, **factory)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False, **factory)
 
-    def forward(self, x: Tensor, linear=F.linear) -> Tensor:
-        """``linear``: the projections (``F.linear``'s signature; ``ops.fixed_order_linear`` in a
-        batch-invariant layer)."""
-        up = linear(x, self.up_proj.weight.to(x.dtype))
+    def forward(self, x: Tensor) -> Tensor:
+        up = F.linear(x, self.up_proj.weight.to(x.dtype))
         if self.gate_proj is None:
             a = _PLAIN[self.activation](up)
         else:
-            gate = linear(x, self.gate_proj.weight.to(x.dtype))
+            gate = F.linear(x, self.gate_proj.weight.to(x.dtype))
             if self.activation == "swiglu":
                 a = F.silu(gate) * up
             else:  # clamped_swiglu (GPT-OSS)
                 gate = gate.clamp(max=self.swiglu_limit)
                 up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
                 a = (up + 1) * (gate * torch.sigmoid(self.swiglu_alpha * gate))  # GPT-OSS's order
-        return linear(a, self.down_proj.weight.to(x.dtype))
+        return F.linear(a, self.down_proj.weight.to(x.dtype))
