@@ -139,6 +139,16 @@ def test_training_forward_is_invariant_too_and_runs_on_the_panels():
         assert torch.equal(layer(batch)[at], alone)
 
 
+def test_under_torch_compile_the_layer_runs_eagerly_and_stays_invariant():
+    layer = invariant_layer()
+    token = torch.randn(48)
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad():
+        alone = layer(token[None])[0]
+        for batch, at in batches_around(token, sizes=(1, 64)):
+            assert torch.equal(compiled(batch)[at], alone)
+
+
 def test_bfloat16_and_autocast_are_refused():
     layer, x = invariant_layer(), torch.randn(4, 48)
     with pytest.raises(ValueError, match="batch_invariant: expected no autocast"), \
@@ -146,6 +156,17 @@ def test_bfloat16_and_autocast_are_refused():
         layer(x)
     with pytest.raises(ValueError, match="batch_invariant: expected float32"):
         layer.bfloat16()(x.bfloat16())
+
+
+def test_a_missing_micro_kernel_and_a_non_cpu_tensor_are_refused(monkeypatch):
+    layer, x = invariant_layer(), torch.randn(4, 48)
+    monkeypatch.setattr(ops, "packed_kernels_available", lambda dtype=torch.float32: False)
+    with pytest.raises(ValueError, match="batch_invariant: needs oneDNN's GEMM micro-kernel"):
+        layer(x)
+    monkeypatch.undo()
+    meta = sparsemoe.MoELayer(48, 64, 8, 2, batch_invariant=True, device="meta")
+    with pytest.raises(ValueError, match="batch_invariant: expected a CPU tensor"):
+        meta(torch.randn(4, 48, device="meta"))
 
 
 # What would tie a token's output to the rest of its batch is refused when the config is made.

@@ -113,6 +113,10 @@ class MoELayer(nn.Module):
         this layer reproduces, so they count in ``tokens_per_expert`` and ``dropped_fraction``
         and take capacity like any token."""
         cfg = self.config
+        if cfg.batch_invariant and torch.compiler.is_compiling():
+            # A compiled graph would run the experts unpacked (compiled code cannot keep the
+            # packed cache): the invariant layer breaks the graph and runs eagerly.
+            return self._eager_forward(x, padding_mask)
         if x.dim() == 0 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"x: expected shape [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -195,6 +199,10 @@ class MoELayer(nn.Module):
         self._stats = None
         return out.reshape(shape)
 
+    @torch.compiler.disable
+    def _eager_forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        return self.forward(x, padding_mask)
+
     def clear_packed_weights(self) -> None:
         """Drop the packed copy of the expert weights (it is rebuilt at the next CPU forward)."""
         self._packed.clear()
@@ -216,10 +224,9 @@ class MoELayer(nn.Module):
         # The fixed-order reductions exist for float32 on oneDNN's CPU micro-kernel only; elsewhere
         # the layer would silently run batch-dependent GEMMs.
         where = ("a CPU tensor" if x.device.type != "cpu" else "float32" if x.dtype != torch.float32
-                 else "no autocast" if autocast else "eager mode" if torch.compiler.is_compiling() else None)
+                 else "no autocast" if autocast else None)
         if where is not None:
-            got = {"a CPU tensor": x.device, "float32": x.dtype, "no autocast": "autocast enabled",
-                   "eager mode": "torch.compile"}[where]
+            got = {"a CPU tensor": x.device, "float32": x.dtype, "no autocast": "autocast enabled"}[where]
             raise ValueError(f"batch_invariant: expected {where} (float32 CPU micro-kernel reductions), got {got}")
         if not ops.packed_kernels_available():
             raise ValueError("batch_invariant: needs oneDNN's GEMM micro-kernel (torch's cpublas::brgemm, x86-64 "
