@@ -300,3 +300,9 @@ def host(out):
 
 def opcheck(op, *args):
     torch.library.opcheck(op, args)
+
+
+# What only oneDNN's GEMM micro-kernel gives (the packed cache is used, bitwise invariance): it
+# exists where torch exports cpublas::brgemm and the CPU is x86-64 with AVX2 or newer.
+needs_microkernel = pytest.mark.skipif(not sparsemoe.ops.packed_kernels_available(),
+                                       reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+)")

@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 import sparsemoe
 from sparsemoe import ops
-from helpers import lowp_tolerance, threads
+from helpers import lowp_tolerance, needs_microkernel, threads
 
-needs_microkernel = pytest.mark.skipif(not ops.packed_kernels_available(),
-                                       reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+)")
 pytestmark = needs_microkernel
 
 

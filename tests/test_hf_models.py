@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from helpers import lowp_tolerance  # noqa: E402
-from sparsemoe import hf, hf_experts, ops  # noqa: E402
+from helpers import lowp_tolerance, needs_microkernel  # noqa: E402
+from sparsemoe import hf, hf_experts  # noqa: E402
 from sparsemoe.hf_experts import ExpertsPlan  # noqa: E402
 
 T = transformers
@@ -387,7 +387,7 @@ def test_compiled_model_matches_eager(checkpoints):
     assert_fp32_close(got, want, "compiled logits")
 
 
-@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+): only there is the cache used")
+@needs_microkernel  # only there is the cache used
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
 def test_inference_packs_the_experts_once_and_repacks_after_a_change(family, checkpoints):
     from sparsemoe.hf_experts import PACKED_ATTR
@@ -407,7 +407,7 @@ def test_inference_packs_the_experts_once_and_repacks_after_a_change(family, che
         assert_fp32_close(ours(**inputs).logits, eager(**inputs).logits, "after an in-place change")
 
 
-@pytest.mark.skipif(not ops.packed_kernels_available(), reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+): only there is the cache used")
+@needs_microkernel  # only there is the cache used
 def test_packed_weights_can_be_reported_freed_and_turned_off(checkpoints):
     eager, ours = (load(checkpoints["olmoe"], "olmoe", impl) for impl in ("eager", "sparsemoe"))
     inputs = {k: v for k, v in batch("olmoe").items() if k != "labels"}

@@ -13,13 +13,12 @@ import torch
 
 import sparsemoe
 from sparsemoe import ops, reference
-from helpers import close, experts, interleave_gate_up, lowp_tolerance, threads, transposed_view
+from helpers import (close, experts, interleave_gate_up, lowp_tolerance, needs_microkernel, threads,
+                     transposed_view)
 
 # The op runs anywhere (without the micro-kernel its panels go through the BLAS); what the
 # micro-kernel alone gives (the layer's cache, which only packs where it pays, and bitwise batch
-# and thread invariance) is tested where it runs.
-needs_microkernel = pytest.mark.skipif(not ops.packed_kernels_available(),
-                                       reason="needs oneDNN's micro-kernel (torch's cpublas::brgemm, x86-64 AVX2+)")
+# and thread invariance) is tested where it runs (needs_microkernel).
 
 ACTS = ("swiglu", "clamped_swiglu", "gelu", "relu")
 GATED = ("swiglu", "clamped_swiglu")
