@@ -61,20 +61,29 @@ def machine_info(device: str) -> list[str]:
 
 
 def peak_for(peaks: dict | None, dtype: torch.dtype) -> float | None:
-    """The all-threads peak a row of `dtype` is measured against: bfloat16 against the vdpbf16ps
-    peak where the CPU has it, else (its GEMMs then run as float32 FMAs) the float32 FMA peak."""
+    """The all-threads peak a row of `dtype` is measured against: bfloat16 against the AMX tile
+    peak where the CPU has AMX, else the vdpbf16ps peak where it has AVX512-BF16, else (its GEMMs
+    then run as float32 FMAs) the float32 FMA peak."""
     if not peaks:
         return None
-    return (peaks.get("bf16_all") or peaks["fp32_all"]) if dtype == torch.bfloat16 else peaks["fp32_all"]
+    if dtype != torch.bfloat16:
+        return peaks["fp32_all"]
+    return peaks.get("amx_all") or peaks.get("bf16_all") or peaks["fp32_all"]
 
 
 def peaks_line(peaks: dict | None) -> str:
     if not peaks:
         return "not measured"
-    gf = lambda v: "none (no vdpbf16ps)" if v is None else f"{v:.0f} GFLOP/s"
-    return (f"float32 FMA {gf(peaks['fp32_1'])} on one thread, {gf(peaks['fp32_all'])} on all; bfloat16 "
-            f"{gf(peaks['bf16_1'])} on one thread, {gf(peaks['bf16_all'])} on all"
-            + ("" if peaks["bf16_all"] else " (bfloat16 rows are measured against the float32 peak)"))
+    gf = lambda v, what: f"none (no {what})" if v is None else f"{v:.0f} GFLOP/s"
+    line = (f"float32 FMA {gf(peaks['fp32_1'], 'FMA')} on one thread, {gf(peaks['fp32_all'], 'FMA')} on all; "
+            f"bfloat16 vdpbf16ps {gf(peaks['bf16_1'], 'vdpbf16ps')} on one thread, "
+            f"{gf(peaks['bf16_all'], 'vdpbf16ps')} on all")
+    if peaks.get("amx_all"):
+        line += (f"; bfloat16 AMX tdpbf16ps {gf(peaks['amx_1'], 'AMX')} on one thread, "
+                 f"{gf(peaks['amx_all'], 'AMX')} on all (bfloat16 rows are measured against the AMX peak)")
+    elif not peaks["bf16_all"]:
+        line += " (bfloat16 rows are measured against the float32 peak)"
+    return line
 
 
 def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float, elapsed_s: float,

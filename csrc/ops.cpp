@@ -90,12 +90,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
   // Whether pack_expert_weights' path runs oneDNN's micro-kernel here (built and probed).
   module.def("packed_kernels_available", &sparsemoe::panel_gemm_is_microkernel);
-  // Whether expert GEMMs in this dtype ("float32", "bfloat16", "float16") gain from the float32
-  // micro-kernel on this CPU.
-  module.def("microkernel_pays", [](const std::string& dtype) {
-    const at::ScalarType t = dtype == "float32" ? at::kFloat : dtype == "bfloat16" ? at::kBFloat16
-                             : dtype == "float16" ? at::kHalf : at::kDouble;
-    return sparsemoe::microkernel_pays(t);
+  // Per dtype ("float32", "bfloat16", "float16"): whether the forward gains from packed panels on
+  // this CPU, and whether they are stored in pairs for the native bf16 micro-kernel.
+  const auto dtype_of = [](const std::string& dtype) {
+    return dtype == "float32" ? at::kFloat : dtype == "bfloat16" ? at::kBFloat16
+           : dtype == "float16" ? at::kHalf : at::kDouble;
+  };
+  module.def("packed_weights_pay", [dtype_of](const std::string& dtype) {
+    return sparsemoe::packed_weights_pay(dtype_of(dtype));
+  });
+  module.def("panels_in_pairs", [dtype_of](const std::string& dtype) {
+    return sparsemoe::panels_in_pairs(dtype_of(dtype));
   });
 #if defined(SPARSEMOE_SANITIZED)
   module.attr("sanitized") = pybind11::bool_(true);

@@ -124,6 +124,8 @@ def test_info(capsys):
     assert f"torch.get_num_threads() = {torch.get_num_threads()}" in out
     assert ("CPU packed expert weights: oneDNN micro-kernel" if sparsemoe.ops.packed_kernels_available()
             else "CPU packed expert weights: off") in out
+    if sparsemoe.ops.packed_kernels_available():
+        assert ("VNNI pairs" in out) == sparsemoe.ops.panels_in_pairs(torch.bfloat16)
     assert "OpenMP" in out or "ATen/Parallel" in out
 
 

@@ -77,13 +77,32 @@ def test_forward_low_precision_within_twice_plain_pytorch(dtype, act, d, f):
     lowp_tolerance(got, plain, exact)
 
 
-@pytest.mark.parametrize("d, f", [(1, 1), (17, 9), (100, 130), (2100, 20), (16, 1000)])
-def test_odd_sizes_and_panel_tails(d, f):
-    # d = 2100 makes the w1 panels 16 columns wide; f = 130 and 1000 leave tail panels.
+@pytest.mark.parametrize("d, f", [(1, 1), (17, 9), (100, 130), (2100, 20), (16, 1000), (9000, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_sizes_and_panel_tails(d, f, dtype):
+    # d = 2100 makes float32's w1 panels 16 columns wide, d = 9000 bf16 pairs' 32; f = 130 and
+    # 1000 leave tail panels; odd d and f are padded reductions in pairs.
     counts = [5, 0, 131, 1]
-    x, off, w1, w2, b1, b2 = experts(sum(counts), d, f, len(counts), "swiglu", counts=counts)
+    x, off, w1, w2, b1, b2 = experts(sum(counts), d, f, len(counts), "swiglu", counts=counts, dtype=dtype)
     got, exact = packed_and_exact(x, off, w1, w2, "swiglu", b1, b2)
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        lowp_tolerance(got, reference.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, **KW), exact)
+
+
+@pytest.mark.parametrize("act, layout", LAYOUTS)
+def test_forward_bf16_layouts_biases_and_padding(act, layout):
+    # Every weight layout packs into the same panels (in pairs where the CPU multiplies them), odd
+    # d and f included; few-row experts (1-3 rows) run on the panels too, padding rows stay zero.
+    interleaved = "interleaved" in layout
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 37, 21, len(COUNTS), act, counts=COUNTS, pad=5,
+                                     dtype=torch.bfloat16)
+    w1, w2, b1 = laid_out(w1, w2, b1, "transposed" in layout, interleaved)
+    got, exact = packed_and_exact(x, off, w1, w2, act, b1, b2, interleaved)
+    plain = reference.expert_ffn(x, off, w1, w2, act, b1, b2, gate_up_interleaved=interleaved, **KW)
+    lowp_tolerance(got[:sum(COUNTS)], plain[:sum(COUNTS)], exact[:sum(COUNTS)])
+    assert torch.equal(got[sum(COUNTS):], torch.zeros_like(got[sum(COUNTS):]))
 
 
 def test_no_rows_and_no_experts_with_rows():
@@ -101,16 +120,40 @@ def test_pack_layout_size_and_dtype():
     assert ops.pack_expert_weights(w1, w2, "relu").shape == (3, 10 * 24 + 24 * 10)
 
 
-def panel_width(K):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_size_with_odd_sizes(dtype):
+    # Panels in pairs pad each odd reduction with a zero: d = 19 rows of w1 hold 20, f = 7 rows of w2 hold 8.
+    _, _, w1, w2, _, _ = experts(4, 19, 7, 3, "swiglu", dtype=dtype)
+    pairs = ops.panels_in_pairs(dtype)
+    want = 2 * 7 * (20 if pairs else 19) + 19 * (8 if pairs else 7)
+    assert ops.packed_row_elems(19, 7, True, dtype) == want
+    assert ops.pack_expert_weights(w1, w2).shape == (3, want)
+    torch.library.opcheck(torch.ops.sparsemoe.pack_expert_weights.default, (w1, w2, "swiglu", False))  # the fake too
+
+
+def panel_width(K, pairs):
+    if pairs:
+        return min(64, max(32, (4 * 128 * 1024) // (2 * max(K, 1)) // 32 * 32))
     return min(64, max(16, (128 * 1024) // (4 * max(K, 1)) // 16 * 16))
+
+
+def panel(slab, pairs):
+    """A [width, K] slab of weights (S[c, k]) as one panel: P[k * width + c], or in pairs
+    P[(k // 2) * 2 * width + 2 * c + k % 2] with K padded by a zero to even."""
+    if not pairs:
+        return slab.t().reshape(-1)
+    width, K = slab.shape
+    padded = torch.cat([slab, slab.new_zeros(width, K % 2)], dim=1)  # [width, K even]
+    return padded.reshape(width, -1, 2).permute(1, 0, 2).reshape(-1)
 
 
 def packed_by_the_layout(w1, w2, gated, interleaved):
     """The packed tensor as packed_weights.h lays it out, in the weights' dtype: per expert, each half's activation
     columns in panels [d, width] (P[k, c] = w1[row of column c, k]), then w2's output columns in
-    panels [f, width] (P[k, c] = w2[c, k])."""
+    panels [f, width] (P[k, c] = w2[c, k]); bfloat16 in VNNI pairs where the CPU multiplies them."""
     E, d, f = w1.shape[0], w1.shape[2], w2.shape[2]
-    pw1, pw2 = panel_width(d), panel_width(f)
+    pairs = ops.panels_in_pairs(w1.dtype)
+    pw1, pw2 = panel_width(d, pairs), panel_width(f, pairs)
     per_expert = []
     for e in range(E):
         parts = []
@@ -118,15 +161,15 @@ def packed_by_the_layout(w1, w2, gated, interleaved):
             for c0 in range(0, f, pw1):
                 cols = torch.arange(c0, min(f, c0 + pw1))
                 rows = 2 * cols + h if interleaved else h * f + cols
-                parts.append(w1[e, rows, :].t().reshape(-1))
-        parts += [w2[e, c0:c0 + pw2, :].t().reshape(-1) for c0 in range(0, d, pw2)]
+                parts.append(panel(w1[e, rows, :], pairs))
+        parts += [panel(w2[e, c0:c0 + pw2, :], pairs) for c0 in range(0, d, pw2)]
         per_expert.append(torch.cat(parts))
     return torch.stack(per_expert)
 
 
-# Sizes with panel tails and edges off the 8 x 8 transpose tiles (d, f not multiples of 8; a
-# width-16 panel at d = 2100).
-@pytest.mark.parametrize("d, f", [(19, 37), (2100, 12), (8, 8)])
+# Sizes with panel tails and edges off the 8 x 8 transpose tiles (d, f not multiples of 8, odd
+# reductions that panels in pairs pad; a width-16 panel at d = 2100, width 32 in pairs at d = 9000).
+@pytest.mark.parametrize("d, f", [(19, 37), (2100, 12), (8, 8), (9000, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "interleaved", "strided"])
 def test_packed_panels_are_the_weights_in_the_documented_layout(d, f, dtype, layout):
@@ -220,7 +263,7 @@ def same_output(packed, plain, x):
 @pytest.mark.parametrize("dtype", [
     torch.float32,
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        not ops.packed_kernels_available(torch.bfloat16), reason="bf16 packs only where the CPU has no bf16 GEMMs")),
+        not ops.packed_kernels_available(torch.bfloat16), reason="bf16 packs only where the CPU has a native bf16 micro-kernel (AVX512-BF16, AMX) or no bf16 GEMMs at all")),
 ])
 def test_cache_is_reused_while_the_weights_are_unchanged(dtype):
     layer, plain = twin_layers(dtype)
@@ -274,7 +317,7 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pay
     layer.zero_grad()
     xb = torch.randn(60, 32).bfloat16()  # 120 rows, 20 per expert
     got = layer(xb)
-    # Packed where bf16 GEMMs gain from the float32 micro-kernel (no native bf16 GEMM on the CPU).
+    # Packed where bf16 panels pay: in pairs (AVX512-BF16 / AMX) or widened (no native bf16 GEMM).
     assert (layer._packed.tensor is not None) == ops.packed_kernels_available(torch.bfloat16)
     got.float().square().sum().backward()
     want = plain(xb)
@@ -395,3 +438,15 @@ def test_backward_with_several_column_blocks_per_expert(dtype):
             close(a, e, 2e-6, name)
         else:
             lowp_tolerance(a, p, e)
+
+
+def test_bf16_panels_and_atens_bf16_gemms_interleave():
+    # The bf16 kernel on pairs configures the AMX tiles; oneDNN's own bf16 GEMMs set theirs. Each
+    # block releases its configuration, so alternating the two on the same threads changes neither.
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 64, 48, len(COUNTS), "swiglu", counts=COUNTS, dtype=torch.bfloat16)
+    packed = ops.pack_expert_weights(w1, w2)
+    a, b = torch.randn(96, 64).bfloat16(), torch.randn(64, 80).bfloat16()
+    first, mm = ops.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, packed=packed), a @ b
+    for _ in range(3):
+        assert torch.equal(ops.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, packed=packed), first)
+        assert torch.equal(a @ b, mm)

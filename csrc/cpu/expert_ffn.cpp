@@ -112,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   const ActivationSpec act = parse_activation(std::string(activation), swiglu_alpha, swiglu_limit);
   const at::Tensor offsets = offsets_in.contiguous();
   const FfnDims s = check_ffn_shapes(x_in, offsets, w1_in, w2_in, act, b1_in, b2_in, gate_up_interleaved);
-  if (packed.has_value()) check_packed(*packed, x_in, s.E, PackedLayout(s.d, s.f, is_gated(act) ? 2 : 1));
+  const PackedLayout layout = packed_layout(s.d, s.f, is_gated(act) ? 2 : 1, x_in.scalar_type());
+  if (packed.has_value()) check_packed(*packed, x_in, s.E, layout);
   const int64_t M = check_offsets_values(offsets, s.N);  // rows M..N are capacity padding
   const at::Tensor x = x_in.contiguous();
   const ExpertWeight w1 = expert_weight(w1_in), w2 = expert_weight(w2_in);
@@ -123,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   at::Tensor y = empty_large({s.N, s.d}, x.options());
   const int64_t* o = offsets.data_ptr<int64_t>();
   const PackedFfn pf{x, packed.value_or(at::Tensor()), b1, b2, hidden, a, y, s,
-                     PackedLayout(s.d, s.f, gated ? 2 : 1), act, gate_up_interleaved};
+                     layout, act, gate_up_interleaved};
   // With packed weights, blocks run on the panels, except few-row blocks of reduced-precision
-  // experts: the few-rows kernel reads their original weights (as many bytes as the panels)
-  // without first widening a whole panel to float32, which would cost more than their GEMM.
-  const bool reduced = at::isReducedFloatingType(x.scalar_type());
-  const auto on_panels = [&](const Block& b) { return pf.packed.defined() && !(reduced && b.n <= kFewRows); };
+  // experts on plain panels: the few-rows kernel reads their original weights (as many bytes as
+  // the panels) without first widening a panel to float32, which would cost more than their
+  // GEMM. Panels in pairs need no widening, and the bf16 kernel on them took half the few-rows
+  // kernel's time (olmoe-like, T = 8-32).
+  const bool widened = at::isReducedFloatingType(x.scalar_type()) && !pf.layout.pairs;
+  const auto on_panels = [&](const Block& b) { return pf.packed.defined() && !(widened && b.n <= kFewRows); };
   const int64_t align1 = pf.packed.defined() ? pf.layout.pw1 : 16, align2 = pf.packed.defined() ? pf.layout.pw2 : 16;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {

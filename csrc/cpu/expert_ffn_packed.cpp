@@ -1,8 +1,9 @@
 // Forward blocks on packed panels: each block multiplies its expert's rows, in chunks, by its
 // panels with the micro-kernel into a float32 tile, and the epilogue adds the bias and rounds
-// into the output while the tile is in L1. bfloat16 and float16 rows are widened to float32 per
-// chunk, and their panels slice by slice as they are used, so the products are exact and accumulate in float32, as in a
-// bfloat16 GEMM, and each output is rounded once.
+// into the output while the tile is in L1. On plain panels bfloat16 and float16 rows are widened
+// to float32 per chunk, and their panels slice by slice as they are used; on panels in pairs the
+// native bf16 kernel reads both as they are. Either way the products are exact and accumulate
+// in float32, as in a bfloat16 GEMM, and each output is rounded once.
 #include "cpu/expert_ffn_packed.h"
 
 #include <algorithm>
@@ -49,6 +50,47 @@ void gemm_on_panel(int64_t n, int64_t w, int64_t K, const float* A, int64_t lda,
   }
 }
 
+// The block's rows as the pairs kernel reads them: in place when the reduction is even, else
+// copied with the zero that pairs them with the panels' padding.
+const c10::BFloat16* paired_rows(const c10::BFloat16* rows, int64_t ld, int64_t n, int64_t K, int64_t kp,
+                                 std::vector<c10::BFloat16>& scratch) {
+  if (K == kp) return rows;
+  scratch.assign(static_cast<size_t>(n * kp), c10::BFloat16(0.0f));
+  for (int64_t r = 0; r < n; ++r) std::copy(rows + r * ld, rows + r * ld + K, scratch.data() + r * kp);
+  return scratch.data();
+}
+
+// A block's rows [n, K] (row stride ld) times its panels, either way the layout stores them:
+// widened to float32 once per chunk for plain panels, in place (bf16) for panels in pairs.
+template <typename T>
+struct PanelRows {
+  const float* f = nullptr;
+  const c10::BFloat16* pairs = nullptr;
+  int64_t ld = 0;
+
+  PanelRows(const T* rows, int64_t ld_rows, int64_t n, int64_t K, const PackedLayout& L, int64_t kp,
+            std::vector<float>& scratch_f, std::vector<c10::BFloat16>& scratch_p) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (L.pairs) {
+        pairs = paired_rows(rows, ld_rows, n, K, kp, scratch_p);
+        ld = K == kp ? ld_rows : kp;
+        return;
+      }
+    }
+    f = float_rows<T>(rows, ld_rows, n, K, scratch_f);
+    ld = K;
+  }
+
+  // out [n, w] (row stride ldo) = rows @ panel [K, w].
+  void gemm(int64_t n, int64_t w, int64_t K, int64_t kp, const T* panel, float* out, int64_t ldo,
+            std::vector<float>& slice) const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (pairs != nullptr) return pairs_gemm(n, w, kp, pairs, ld, panel, w, out, ldo, false);
+    }
+    gemm_on_panel<T>(n, w, K, f, ld, panel, out, ldo, slice);
+  }
+};
+
 }  // namespace
 
 template <typename T>
@@ -57,12 +99,13 @@ void packed_gemm1_block(const PackedFfn& p, const Block& b) {
   const PackedLayout& L = p.layout;
   const bool il = p.gate_up_interleaved;
   thread_local std::vector<float> rows_f, slice, tile;
+  thread_local std::vector<c10::BFloat16> rows_p;
   tile.resize(static_cast<size_t>(kChunkRows * L.pw1));
   const T* Pe = p.packed.data_ptr<T>() + b.e * L.per_expert();
   const T* bias1 = ptr_or_null<T>(p.b1);
   for (int64_t r = 0; r < b.n; r += kChunkRows) {
     const int64_t n = std::min(kChunkRows, b.n - r), row0 = b.r0 + r;
-    const float* A = float_rows<T>(p.x.data_ptr<T>() + row0 * s.d, s.d, n, s.d, rows_f);
+    const PanelRows<T> A(p.x.data_ptr<T>() + row0 * s.d, s.d, n, s.d, L, L.kd, rows_f, rows_p);
     for (int64_t h = 0; h < L.halves; ++h) {
       for (int64_t p0 = b.c0; p0 < b.c0 + b.cn; p0 += L.pw1) {
         const int64_t w = std::min(L.pw1, s.f - p0);
@@ -72,15 +115,16 @@ void packed_gemm1_block(const PackedFfn& p, const Block& b) {
         T* out = p.hidden.data_ptr<T>() + row0 * s.F1 + col0;
         const T* panel = Pe + L.w1_panel(h, p0);
         if (kInPlace<T> && bias == nullptr && step == 1) {
-          gemm_on_panel<T>(n, w, s.d, A, s.d, panel, reinterpret_cast<float*>(out), s.F1, slice);
+          A.gemm(n, w, s.d, L.kd, panel, reinterpret_cast<float*>(out), s.F1, slice);
         } else {
-          gemm_on_panel<T>(n, w, s.d, A, s.d, panel, tile.data(), w, slice);
+          A.gemm(n, w, s.d, L.kd, panel, tile.data(), w, slice);
           store_tile<T>(tile.data(), n, w, bias, out, s.F1, step);
         }
       }
     }
     activate_hidden_block<T>(p.act, p.hidden, p.a, row0, n, b.c0, b.cn, il);
   }
+  if (L.pairs) release_pairs_gemm();  // before this thread's next ATen GEMM may reconfigure the tiles
 }
 
 template <typename T>
@@ -88,25 +132,27 @@ void packed_gemm2_block(const PackedFfn& p, const Block& b) {
   const FfnDims& s = p.s;
   const PackedLayout& L = p.layout;
   thread_local std::vector<float> rows_f, slice, tile;
+  thread_local std::vector<c10::BFloat16> rows_p;
   tile.resize(static_cast<size_t>(kChunkRows * L.pw2));
   const T* Pe = p.packed.data_ptr<T>() + b.e * L.per_expert();
   const T* bias2 = ptr_or_null<T>(p.b2);
   for (int64_t r = 0; r < b.n; r += kChunkRows) {
     const int64_t n = std::min(kChunkRows, b.n - r), row0 = b.r0 + r;
-    const float* A = float_rows<T>(p.a.data_ptr<T>() + row0 * s.f, s.f, n, s.f, rows_f);
+    const PanelRows<T> A(p.a.data_ptr<T>() + row0 * s.f, s.f, n, s.f, L, L.kf, rows_f, rows_p);
     for (int64_t p0 = b.c0; p0 < b.c0 + b.cn; p0 += L.pw2) {
       const int64_t w = std::min(L.pw2, s.d - p0);
       const T* bias = bias2 != nullptr ? bias2 + b.e * s.d + p0 : nullptr;
       T* out = p.y.data_ptr<T>() + row0 * s.d + p0;
       const T* panel = Pe + L.w2_panel(p0);
       if (kInPlace<T> && bias == nullptr) {
-        gemm_on_panel<T>(n, w, s.f, A, s.f, panel, reinterpret_cast<float*>(out), s.d, slice);
+        A.gemm(n, w, s.f, L.kf, panel, reinterpret_cast<float*>(out), s.d, slice);
       } else {
-        gemm_on_panel<T>(n, w, s.f, A, s.f, panel, tile.data(), w, slice);
+        A.gemm(n, w, s.f, L.kf, panel, tile.data(), w, slice);
         store_tile<T>(tile.data(), n, w, bias, out, s.d, 1);
       }
     }
   }
+  if (L.pairs) release_pairs_gemm();
 }
 
 #define SPARSEMOE_PACKED_BLOCKS(T)                                    \

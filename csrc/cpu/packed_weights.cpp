@@ -47,7 +47,78 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
 #endif
 }
 
+void pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+                int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  TORCH_CHECK(K % 2 == 0, "pairs_gemm: expected an even reduction length (panels in pairs are padded), got ", K);
+  if (K == 0) {
+    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  // Whole reductions per call: the bf16 kernel blocks K itself, and a 64-column slab of pairs is
+  // half a float32 panel's bytes.
+  for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
+    at::native::cpublas::brgemm(M, std::min(kTileCols, N - n0), K, lda, ldb, ldc, accumulate, A, B + 2 * n0,
+                                C + n0, /*is_vnni=*/true);
+  }
+#else
+  TORCH_CHECK(false, "pairs_gemm: this torch does not export the bf16 micro-kernel");
+#endif
+}
+
+void release_pairs_gemm() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
+}
+
 namespace {
+
+bool cpu_has(const char* feature) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(feature);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// The bf16 kernel on pairs, checked like the float32 one (odd M and N, wide leading dimensions,
+// an accumulating call). Only asked where the CPU has the instructions: elsewhere oneDNN's
+// kernel would not be there to ask, and an odd K is never passed (it faults).
+bool probe_pairs() {
+#if !defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  return false;
+#else
+  if (!at::globalContext().userEnabledMkldnn() || !panel_gemm_is_microkernel()) return false;
+  if (!cpu_has("avx512_bf16") && !cpu_has("amx_bf16")) return false;
+  constexpr int64_t M = 5, N = 23, K = 38, lda = 40, ldb = 29, ldc = 31;
+  std::vector<c10::BFloat16> A(M * lda), B(K * ldb);
+  std::vector<float> C(M * ldc, 0.0f);
+  const auto a_of = [](int64_t r, int64_t k) { return static_cast<float>(((r * 7 + k * 3) % 13) - 6) / 8.0f; };
+  const auto b_of = [](int64_t k, int64_t c) { return static_cast<float>(((k * 5 + c * 11) % 11) - 5) / 4.0f; };
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t k = 0; k < K; ++k) A[r * lda + k] = a_of(r, k);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < N; ++c) B[(k / 2) * 2 * ldb + 2 * c + k % 2] = b_of(k, c);
+  }
+  try {
+    pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
+    pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
+    release_pairs_gemm();
+  } catch (const c10::Error&) {
+    release_pairs_gemm();
+    return false;
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t c = 0; c < N; ++c) {
+      double want = 0.0;
+      for (int64_t k = 0; k < K; ++k) want += 2.0 * a_of(r, k) * b_of(k, c);  // exact in bf16
+      if (std::abs(C[r * ldc + c] - want) > 1e-4 * (1.0 + std::abs(want))) return false;
+    }
+  }
+  return true;
+#endif
+}
 
 // A product with odd sizes and strides (panel tails, a leading dimension wider than the
 // operand), against a plain double loop.
@@ -104,6 +175,31 @@ void pack_panel(const T* src, int64_t s_col, int64_t s_k, int64_t width, int64_t
   }
 }
 
+// One panel in pairs: P[(k / 2) * 2 * width + 2c + k % 2] = src[c * s_col + k * s_k], zero for
+// k = K when K is odd (the padding). Row-major bf16 weights whose rows start on 4-byte
+// boundaries hold each pair as one 32-bit word: the panel is then the 32-bit transpose of the
+// [width, K / 2] words, through the same 8 x 8 register tiles as float32.
+void pack_panel_pairs(const c10::BFloat16* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K,
+                      c10::BFloat16* P) {
+  const int64_t pairs = K / 2;
+  if (s_k == 1 && s_col % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0 && pairs > 0) {
+    transpose_to_float<float>(reinterpret_cast<const float*>(src), s_col / 2, width, pairs,
+                              reinterpret_cast<float*>(P), width);
+  } else {
+    for (int64_t k = 0; k < 2 * pairs; ++k) {
+      c10::BFloat16* p = P + (k / 2) * 2 * width + k % 2;
+      for (int64_t c = 0; c < width; ++c) p[2 * c] = src[c * s_col + k * s_k];
+    }
+  }
+  if (K % 2 == 1) {
+    c10::BFloat16* p = P + pairs * 2 * width;
+    for (int64_t c = 0; c < width; ++c) {
+      p[2 * c] = src[c * s_col + (K - 1) * s_k];
+      p[2 * c + 1] = c10::BFloat16(0.0f);
+    }
+  }
+}
+
 // The packed layout of w1 and w2, after checking them.
 PackedLayout packed_layout_of(const at::Tensor& w1, const at::Tensor& w2, c10::string_view activation,
                               bool gate_up_interleaved) {
@@ -121,7 +217,7 @@ PackedLayout packed_layout_of(const at::Tensor& w1, const at::Tensor& w2, c10::s
   check_size(w2, "w2", 0, E, "E, from w1");
   check_size(w2, "w2", 1, d, "d, from w1");
   check_size(w1, "w1", 1, gated ? 2 * f : f, gated ? "2*f: gate and up rows of a gated activation" : "f, from w2");
-  return PackedLayout(d, f, gated ? 2 : 1);
+  return packed_layout(d, f, gated ? 2 : 1, w1.scalar_type());
 }
 
 void pack_into(const at::Tensor& packed, const at::Tensor& w1, const at::Tensor& w2, const PackedLayout& L,
@@ -134,6 +230,13 @@ void pack_into(const at::Tensor& packed, const at::Tensor& w1, const at::Tensor&
     const scalar_t* a1 = w1.data_ptr<scalar_t>();
     const scalar_t* a2 = w2.data_ptr<scalar_t>();
     scalar_t* out = packed.data_ptr<scalar_t>();
+    // Generic, so that the branch for pairs is only instantiated for bfloat16.
+    const auto pack_one = [&](const auto* src, int64_t s_col, int64_t s_k, int64_t width, int64_t K, auto* P) {
+      if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(src)>>, c10::BFloat16>) {
+        if (L.pairs) return pack_panel_pairs(src, s_col, s_k, width, K, P);
+      }
+      pack_panel<scalar_t>(src, s_col, s_k, width, K, P);
+    };
     at::parallel_for(0, E * per, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t e = t / per, j = t % per;
@@ -143,12 +246,12 @@ void pack_into(const at::Tensor& packed, const at::Tensor& w1, const at::Tensor&
           // Activation column c of half h is w1 row 2c + h (interleaved) or h * f + c.
           const int64_t row0 = gate_up_interleaved ? 2 * c0 + h : h * f + c0;
           const int64_t step = gate_up_interleaved ? 2 : 1;
-          pack_panel<scalar_t>(a1 + e * w1.stride(0) + row0 * w1.stride(1), step * w1.stride(1), w1.stride(2), width,
-                               d, P + L.w1_panel(h, c0));
+          pack_one(a1 + e * w1.stride(0) + row0 * w1.stride(1), step * w1.stride(1), w1.stride(2), width, d,
+                   P + L.w1_panel(h, c0));
         } else {
           const int64_t c0 = (j - L.halves * p1) * L.pw2, width = std::min(L.pw2, d - c0);
-          pack_panel<scalar_t>(a2 + e * w2.stride(0) + c0 * w2.stride(1), w2.stride(1), w2.stride(2), width, f,
-                               P + L.w2_panel(c0));
+          pack_one(a2 + e * w2.stride(0) + c0 * w2.stride(1), w2.stride(1), w2.stride(2), width, f,
+                   P + L.w2_panel(c0));
         }
       }
     });
@@ -178,12 +281,6 @@ void pack_expert_weights_into_cpu(const at::Tensor& packed, const at::Tensor& w1
   pack_into(packed, w1, w2, L, gate_up_interleaved);
 }
 
-bool cpu_has(const char* feature) {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  const auto it = caps.find(feature);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
-}
-
 }  // namespace
 
 bool panel_gemm_is_microkernel() {
@@ -204,6 +301,13 @@ bool microkernel_pays(at::ScalarType dtype) {
     default: return false;
   }
 }
+
+bool panels_in_pairs(at::ScalarType dtype) {
+  static const bool ok = probe_pairs();
+  return dtype == at::kBFloat16 && ok;
+}
+
+bool packed_weights_pay(at::ScalarType dtype) { return microkernel_pays(dtype) || panels_in_pairs(dtype); }
 
 void check_packed(const at::Tensor& packed, const at::Tensor& x, int64_t E, const PackedLayout& layout) {
   TORCH_CHECK(packed.device().is_cpu(), "packed: expected a CPU tensor (the packed weights are a CPU kernel's), "

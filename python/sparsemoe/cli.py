@@ -216,9 +216,13 @@ def run_info(args) -> int:
     bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none (emulated)")
     print(f"bfloat16 GEMM hardware: {bf16}")
     ops = sparsemoe.ops
-    packed = ("oneDNN micro-kernel (cpublas::brgemm, float32 arithmetic) on panels; bfloat16 "
-              + ("widened onto it (no native bf16 GEMM here)" if ops.packed_kernels_available(torch.bfloat16)
-                 else "on ATen's native bf16 GEMMs")
+    if ops.panels_in_pairs(torch.bfloat16):
+        bf16_packed = "on panels in VNNI pairs through oneDNN's native bf16 micro-kernel"
+    elif ops.packed_kernels_available(torch.bfloat16):
+        bf16_packed = "widened onto it (no native bf16 GEMM here)"
+    else:
+        bf16_packed = "on ATen's native bf16 GEMMs"
+    packed = ("oneDNN micro-kernel (cpublas::brgemm, float32 arithmetic) on panels; bfloat16 " + bf16_packed
               if ops.packed_kernels_available()
               else "off: this torch or CPU has no oneDNN micro-kernel, the unpacked ATen path runs")
     print(f"CPU packed expert weights: {packed}")

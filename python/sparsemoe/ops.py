@@ -151,10 +151,11 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
 def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
                         gate_up_interleaved: bool = False, out: Tensor | None = None) -> Tensor:
     """w1 [E, F1, d] and w2 [E, d, f] (any layout, float32 / bfloat16 / float16) packed into the CPU
-    micro-kernel's column panels -> [E, F1*d + d*f] in the weights' dtype, for
-    ``expert_ffn(..., packed=)``. Its memory is one copy of the expert weights. ``out``, an earlier
-    result for weights of the same shapes and dtype, is overwritten instead of allocating (faster:
-    no fresh pages to fault in)."""
+    micro-kernel's column panels -> [E, packed_row_elems(...)] in the weights' dtype, for
+    ``expert_ffn(..., packed=)``: F1*d + d*f elements per expert, a little more for bfloat16 panels
+    in pairs with an odd d or f (``panels_in_pairs``). Its memory is one copy of the expert
+    weights. ``out``, an earlier result for weights of the same shapes and dtype, is overwritten
+    instead of allocating (faster: no fresh pages to fault in)."""
     if out is not None:
         _ops.pack_expert_weights_into(out, w1.detach(), w2.detach(), activation, gate_up_interleaved)
         return out
@@ -162,12 +163,27 @@ def pack_expert_weights(w1: Tensor, w2: Tensor, activation: str = "swiglu",
 
 
 def packed_kernels_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether expert GEMMs in `dtype` run, and gain from running, on oneDNN's float32 micro-kernel
-    here: torch exports it and a probe product checked out at first use; bfloat16 / float16 only
-    where the CPU has no native GEMM for them (there ATen's own is faster than widened float32)."""
+    """Whether the expert forward in `dtype` runs, and gains from running, on packed panels here:
+    torch exports oneDNN's micro-kernel and a probe product checked out at first use. float32 runs
+    on its float32 kernel; bfloat16 on the native bf16 kernel where the CPU has AVX512-BF16 or AMX
+    (``panels_in_pairs``), else widened onto the float32 one where the CPU has no native bf16
+    GEMM at all; float16 only where the CPU has no native float16 GEMM."""
     if not _C.packed_kernels_available():
         return False
-    return bool(_C.microkernel_pays(str(dtype).removeprefix("torch.")))
+    return bool(_C.packed_weights_pay(str(dtype).removeprefix("torch.")))
+
+
+def panels_in_pairs(dtype: torch.dtype) -> bool:
+    """Whether `dtype` panels are stored in VNNI pairs (bfloat16 on CPUs with AVX512-BF16 or AMX):
+    P[(k // 2) * 2 * width + 2 * c + k % 2], the reduction padded with a zero to an even length."""
+    return bool(_C.panels_in_pairs(str(dtype).removeprefix("torch.")))
+
+
+def packed_row_elems(d: int, f: int, gated: bool, dtype: torch.dtype) -> int:
+    """Elements per expert of pack_expert_weights' output for these sizes and dtype."""
+    halves = 2 if gated else 1
+    kd, kf = (d + d % 2, f + f % 2) if panels_in_pairs(dtype) else (d, f)
+    return halves * f * kd + d * kf
 
 
 @torch.library.register_fake("sparsemoe::pack_expert_weights_into")
@@ -179,7 +195,8 @@ def _(packed, w1, w2, activation, gate_up_interleaved=False):
 def _(w1, w2, activation, gate_up_interleaved=False):
     torch._check(w1.dim() == 3 and w2.dim() == 3, lambda: "w1, w2: expected [E, F1, d] and [E, d, f]")
     E, F1, d = w1.shape
-    return w1.new_empty((E, F1 * d + d * w2.shape[2]))
+    f = w2.shape[2]
+    return w1.new_empty((E, packed_row_elems(d, f, activation in GATED_ACTIVATIONS, w1.dtype)))
 
 
 def _check_gate_up_layout(activation: str, gate_up_interleaved: bool) -> None:
