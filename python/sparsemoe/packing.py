@@ -8,10 +8,12 @@ the same address): an in-place change, an optimizer step, load_state_dict, .to(.
 ``clear()`` after one.
 
 Packing pays when the panels are reused (the weights unchanged since the last forward: inference,
-decoding) or when the experts run in bfloat16 / float16 on enough rows, whose unpacked GEMMs are
-far slower where the CPU lacks native bf16 GEMMs. A training step (grad enabled), whose weights
-change every step, would spend more on repacking than the panels save in float32, or in bf16
-with fewer than PACK_MIN_ROWS rows per expert on average, and runs unpacked.
+decoding) or when the experts run in bfloat16 / float16 on enough rows: bf16 panels in VNNI pairs
+beat oneDNN's bf16 GEMMs (which re-pack the weights every call) where the CPU has AVX512-BF16 or
+AMX, and widened panels beat ATen's emulated ones where it has no native bf16 GEMM. A training
+step (grad enabled), whose weights change every step, would spend more on repacking than the
+panels save in float32, or in bf16 with fewer than PACK_MIN_ROWS rows per expert on average,
+and runs unpacked.
 """
 
 from __future__ import annotations
