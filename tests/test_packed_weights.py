@@ -450,3 +450,43 @@ def test_bf16_panels_and_atens_bf16_gemms_interleave():
     for _ in range(3):
         assert torch.equal(ops.expert_ffn(x, off, w1, w2, "swiglu", b1, b2, packed=packed), first)
         assert torch.equal(a @ b, mm)
+
+
+@pytest.mark.parametrize("act, layout", LAYOUTS)
+@pytest.mark.parametrize("d, f", [(37, 21), (16, 5000)])
+def test_backward_bf16_layouts_odd_sizes_and_padding(act, layout, d, f):
+    # bfloat16 experts with fewer than 192 rows and small weights run their backward on the native
+    # bf16 micro-kernel where the CPU has one (operands paired per block: odd d, f and row counts
+    # padded; f = 5000 pairs w1's rows for grad_x in several chunks); the 300-row expert and the
+    # transposed layouts keep oneDNN's GEMMs. Either way: within 2x plain PyTorch's error, zero
+    # gradients for padding rows and for experts without rows.
+    interleaved = "interleaved" in layout
+    counts = COUNTS if f < 1000 else [3, 0, 1, 7]
+    x, off, w1, w2, b1, b2 = experts(sum(counts), d, f, len(counts), act, counts=counts, pad=5,
+                                     dtype=torch.bfloat16)
+    w1, w2, b1 = laid_out(w1, w2, b1, "transposed" in layout, interleaved)
+    g = torch.randn(x.shape[0], d, dtype=torch.float64)
+    leaves = [x, w1, w2, b1, b2]
+    got = grads_of(ops.expert_ffn, leaves, off, act, interleaved, g)
+    exact = grads_of(reference.expert_ffn, [t.double() for t in leaves], off, act, interleaved, g)
+    plain = grads_of(reference.expert_ffn, leaves, off, act, interleaved, g)
+    for name, a, e, p in zip(("x", "w1", "w2", "b1", "b2"), got, exact, plain):
+        assert a.dtype == torch.bfloat16 and a.shape == e.shape, name
+        lowp_tolerance(a, p, e)
+    assert not got[0][sum(counts):].any()
+    for e in (i for i, c in enumerate(counts) if c == 0):
+        assert not got[1][e].any() and not got[2][e].any() and not got[3][e].any() and not got[4][e].any()
+
+
+def test_bf16_backward_and_atens_bf16_gemms_interleave():
+    # The backward on pairs, like the forward, releases the tile configuration (AMX) it set, so
+    # oneDNN's own bf16 GEMMs between two backwards change neither; and it is bitwise repeatable.
+    x, off, w1, w2, b1, b2 = experts(sum(COUNTS), 64, 48, len(COUNTS), "swiglu", counts=COUNTS,
+                                     dtype=torch.bfloat16)
+    g = torch.randn(x.shape[0], 64, dtype=torch.float64)
+    a, b = torch.randn(96, 64).bfloat16(), torch.randn(64, 80).bfloat16()
+    first, mm = grads_of(ops.expert_ffn, [x, w1, w2, b1, b2], off, "swiglu", False, g), a @ b
+    for _ in range(3):
+        again = grads_of(ops.expert_ffn, [x, w1, w2, b1, b2], off, "swiglu", False, g)
+        assert all(torch.equal(p, q) for p, q in zip(again, first))
+        assert torch.equal(a @ b, mm)

@@ -266,11 +266,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     const MicrokernelBackward mk{x, gy, hidden, w1, w2, grad_w1, grad_w2, grad_b1, grad_b2, s, act,
                                  gate_up_interleaved, bias_grads};
     const auto unit_columns = [](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1; };
-    const bool on_microkernel = !std::is_same_v<scalar_t, double> && !ew1.col_major && !ew2.col_major &&
-                                unit_columns(grad_w1) && unit_columns(grad_w2) &&
-                                microkernel_pays(x.scalar_type());
+    // bfloat16 on CPUs with a native bf16 micro-kernel takes it on operands paired per block.
+    const bool row_major = !std::is_same_v<scalar_t, double> && !ew1.col_major && !ew2.col_major &&
+                           unit_columns(grad_w1) && unit_columns(grad_w2);
+    const bool on_microkernel = row_major && microkernel_pays(x.scalar_type());
+    const bool on_pairs = row_major && !on_microkernel && panels_in_pairs(x.scalar_type());
     for_each_block("sparsemoe::expert_ffn_backward blocks", blocks, [&](const Block& b) {
       const int64_t j = b.c0 / blocks[0].cn;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (on_pairs && pairs_backward_pays(b.n, s)) {
+          // (the cast is the identity: this branch is bfloat16's, but is compiled for every type)
+          auto* dx = reinterpret_cast<c10::BFloat16*>((j == 0 ? grad_x : shares[j - 1]).data_ptr<scalar_t>());
+          return pairs_backward_block(mk, b, dx + b.r0 * s.d, j == 0);
+        }
+      }
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (on_microkernel && (one_block_per_expert || b.n < kMicrokernelMaxRows)) {
           scalar_t* dx = (j == 0 ? grad_x : shares[j - 1]).data_ptr<scalar_t>() + b.r0 * s.d;

@@ -60,6 +60,31 @@ void gemm_over_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 }  // namespace
 
 template <typename T>
+void block_bias_grads(const MicrokernelBackward& p, const Block& b, const T* grad_h, int64_t ld, bool first) {
+  if (!p.bias_grads) return;
+  const FfnDims& s = p.s;
+  const bool il = p.gate_up_interleaved;
+  const int64_t H = is_gated(p.act) ? 2 : 1, n = b.n, cn = b.cn;
+  for (int64_t half = 0; half < H; ++half) {
+    const int64_t row0 = il ? 2 * b.c0 + half : half * s.f + b.c0, step = il ? 2 : 1;
+    T* gb = p.grad_b1.data_ptr<T>() + b.e * s.F1 + row0;
+    for (int64_t c = 0; c < cn; ++c) {
+      double sum = 0.0;  // over all the rows: double keeps the error from growing with them
+      for (int64_t r = 0; r < n; ++r) sum += static_cast<double>(grad_h[r * ld + half * cn + c]);
+      gb[c * step] = static_cast<T>(sum);
+    }
+  }
+  if (!first) return;
+  const T* gy = p.gy.data_ptr<T>() + b.r0 * s.d;
+  T* gb = p.grad_b2.data_ptr<T>() + b.e * s.d;
+  for (int64_t c = 0; c < s.d; ++c) {
+    double sum = 0.0;
+    for (int64_t r = 0; r < n; ++r) sum += static_cast<double>(gy[r * s.d + c]);
+    gb[c] = static_cast<T>(sum);
+  }
+}
+
+template <typename T>
 void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T* dx, bool first) {
   const FfnDims& s = p.s;
   const bool il = p.gate_up_interleaved;
@@ -103,7 +128,7 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
   gemm_over_rows<T>(s.d, cn, n, gyt, n, af, cn, p.grad_w2.data_ptr<T>() + b.e * p.grad_w2.stride(0) + b.c0,
                     p.grad_w2.stride(1), total, tile);
 
-  // Each half's rows of grad_w1 [cn, d] = grad_h_half^T [cn, n] @ x [n, d]; its bias gradient.
+  // Each half's rows of grad_w1 [cn, d] = grad_h_half^T [cn, n] @ x [n, d]; then the bias gradients.
   const float* xf = float_rows<T>(x, s.d, n, s.d, x_f);
   for (int64_t half = 0; half < H; ++half) {
     // w1 / grad_w1 rows of activation column c: 2c + half (interleaved) or half * f + c.
@@ -112,23 +137,8 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
     gemm_over_rows<T>(cn, s.d, n, ght, n, xf, s.d,
                       p.grad_w1.data_ptr<T>() + b.e * p.grad_w1.stride(0) + row0 * p.grad_w1.stride(1),
                       step * p.grad_w1.stride(1), total, tile);
-    if (p.bias_grads) {
-      T* gb = p.grad_b1.data_ptr<T>() + b.e * s.F1 + row0;
-      for (int64_t c = 0; c < cn; ++c) {
-        double sum = 0.0;  // over all the rows: double keeps the error from growing with them
-        for (int64_t r = 0; r < n; ++r) sum += static_cast<double>(gh[r * H * cn + half * cn + c]);
-        gb[c * step] = static_cast<T>(sum);
-      }
-    }
   }
-  if (p.bias_grads && first) {
-    T* gb = p.grad_b2.data_ptr<T>() + b.e * s.d;
-    for (int64_t c = 0; c < s.d; ++c) {
-      double sum = 0.0;  // over all the rows: double keeps the error from growing with them
-      for (int64_t r = 0; r < n; ++r) sum += static_cast<double>(gy[r * s.d + c]);
-      gb[c] = static_cast<T>(sum);
-    }
-  }
+  block_bias_grads<T>(p, b, gh, H * cn, first);
 
   // dx [n, d] = sum over the halves of grad_h_half [n, cn] @ w1[e][half's rows] [cn, d], summed in
   // float32 and rounded once.
@@ -153,7 +163,8 @@ void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T*
 }
 
 #define SPARSEMOE_MICROKERNEL_BACKWARD(T) \
-  template void microkernel_backward_block<T>(const MicrokernelBackward&, const Block&, T*, bool);
+  template void microkernel_backward_block<T>(const MicrokernelBackward&, const Block&, T*, bool); \
+  template void block_bias_grads<T>(const MicrokernelBackward&, const Block&, const T*, int64_t, bool);
 SPARSEMOE_MICROKERNEL_BACKWARD(float)
 SPARSEMOE_MICROKERNEL_BACKWARD(c10::BFloat16)
 SPARSEMOE_MICROKERNEL_BACKWARD(c10::Half)

@@ -21,6 +21,20 @@ namespace sparsemoe {
 // float32 GEMMs beat ATen's emulated reduced-precision ones at every size).
 constexpr int64_t kMicrokernelMaxRows = 128;
 
+// bfloat16 experts take the native bf16 micro-kernel (pairs_backward_block) where it beat
+// oneDNN's bf16 GEMMs, measured at the op level on an AVX512-BF16 CPU (Zen 4, 1 MiB of L2 per
+// core), one thread, alternating in one process: experts whose weights fit in L2 and that have
+// fewer than about 200 rows (olmoe- / qwen3-like, 2-128 rows: 1.06-2.3x). Pairing the weights
+// per block costs two more passes over them; where they spill from L2 (mixtral-like, 5 MiB per
+// expert) or many rows amortise oneDNN's own packing (olmoe-like, 256 rows), its GEMMs were
+// 5-11% faster.
+constexpr int64_t kPairsMaxRows = 192;
+constexpr int64_t kPairsMaxWeightBytes = int64_t(1) << 20;
+
+inline bool pairs_backward_pays(int64_t rows, const FfnDims& s) {
+  return rows < kPairsMaxRows && (s.F1 + s.f) * s.d * 2 <= kPairsMaxWeightBytes;
+}
+
 // Everything a block reads and writes: x, grad_y [N, d]; hidden [N, F1]; w1, w2 and their
 // gradients (each expert's matrix row-major, any expert stride); the bias gradients
 // ([E, F1], [E, d], when bias_grads).
@@ -36,5 +50,14 @@ struct MicrokernelBackward {
 // of grad_x written to dx (the block's rows, row stride d).
 template <typename T>
 void microkernel_backward_block(const MicrokernelBackward& p, const Block& b, T* dx, bool first);
+
+// The same block in bfloat16 on the native bf16 micro-kernel, where panels are in pairs
+// (cpu/pairs_backward.cpp): the operands are paired and transposed per block, never widened.
+void pairs_backward_block(const MicrokernelBackward& p, const Block& b, c10::BFloat16* dx, bool first);
+
+// The block's bias gradients, when p.bias_grads: its gate and up entries of grad_b1 from grad_h
+// ([n, 2 * cn] in [gate | up] halves, or [n, cn], row stride ld), and grad_b2 when `first`.
+template <typename T>
+void block_bias_grads(const MicrokernelBackward& p, const Block& b, const T* grad_h, int64_t ld, bool first);
 
 }  // namespace sparsemoe
