@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/microkernel_backward.h"
 #include "cpu/packed_weights.h"
 
 TORCH_LIBRARY(sparsemoe, m) {
@@ -102,6 +103,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("panels_in_pairs", [dtype_of](const std::string& dtype) {
     return sparsemoe::panels_in_pairs(dtype_of(dtype));
   });
+  // Which bf16 experts take the native bf16 micro-kernel in the backward, where panels are in
+  // pairs: fewer rows than this, and at most this many bytes of weights.
+  module.attr("pairs_backward_max_rows") = pybind11::int_(sparsemoe::kPairsMaxRows);
+  module.attr("pairs_backward_max_weight_bytes") = pybind11::int_(sparsemoe::kPairsMaxWeightBytes);
 #if defined(SPARSEMOE_SANITIZED)
   module.attr("sanitized") = pybind11::bool_(true);
 #else

@@ -126,6 +126,8 @@ def test_info(capsys):
             else "CPU packed expert weights: off") in out
     if sparsemoe.ops.packed_kernels_available():
         assert ("VNNI pairs" in out) == sparsemoe.ops.panels_in_pairs(torch.bfloat16)
+        assert (f"fewer than {sparsemoe._C.pairs_backward_max_rows} rows" in out) == \
+            sparsemoe.ops.panels_in_pairs(torch.bfloat16)
     assert "OpenMP" in out or "ATen/Parallel" in out
 
 

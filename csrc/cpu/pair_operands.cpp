@@ -62,6 +62,13 @@ void interleave_pair(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n, 
   }
 }
 
+void prefetch_once(const c10::BFloat16* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(c10::BFloat16)); b += 64) __builtin_prefetch(bytes + b, 0, 0);
+#endif
+}
+
 void transpose_bf16(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t cols, c10::BFloat16* dst,
                     int64_t ld_dst) {
   int64_t R = 0, C = 0;

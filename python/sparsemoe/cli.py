@@ -217,7 +217,9 @@ def run_info(args) -> int:
     print(f"bfloat16 GEMM hardware: {bf16}")
     ops = sparsemoe.ops
     if ops.panels_in_pairs(torch.bfloat16):
-        bf16_packed = "on panels in VNNI pairs through oneDNN's native bf16 micro-kernel"
+        bf16_packed = ("on panels in VNNI pairs through oneDNN's native bf16 micro-kernel, and its backward on "
+                       f"that kernel for experts with fewer than {sparsemoe._C.pairs_backward_max_rows} rows and "
+                       f"at most {sparsemoe._C.pairs_backward_max_weight_bytes >> 10} KiB of weights")
     elif ops.packed_kernels_available(torch.bfloat16):
         bf16_packed = "widened onto it (no native bf16 GEMM here)"
     else:
