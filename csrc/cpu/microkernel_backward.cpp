@@ -36,10 +36,7 @@ void gemm_into(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
 // with K / kRowChunk + kRowChunk instead, near the BLAS's own.
 constexpr int64_t kRowChunk = 64;
 
-// Rows per micro-kernel call where the rows are the GEMM's M: torch keeps one compiled kernel per
-// (M, N, K, ...) per thread, never freed, so M stays within [1, kRowsPerCall] whatever an
-// expert's row count (the weight gradients' K is bounded by kRowChunk the same way).
-constexpr int64_t kRowsPerCall = 128;
+// (The weight gradients' K is bounded by kRowChunk as kRowsPerCall bounds M.)
 
 // out [M, N] (row stride ldo) = A [M, K] @ B [K, N], rounded once to T, K the rows.
 template <typename T>

@@ -21,6 +21,11 @@ namespace sparsemoe {
 // float32 GEMMs beat ATen's emulated reduced-precision ones at every size).
 constexpr int64_t kMicrokernelMaxRows = 128;
 
+// Rows per micro-kernel call where the rows are the GEMM's M (both backwards): torch keeps one
+// compiled kernel per (M, N, K, ...) per thread, never freed, so M stays within
+// [1, kRowsPerCall] whatever an expert's row count.
+constexpr int64_t kRowsPerCall = 128;
+
 // bfloat16 experts take the native bf16 micro-kernel (pairs_backward_block) where it beat
 // oneDNN's bf16 GEMMs, measured at the op level on an AVX512-BF16 CPU (Zen 4, 1 MiB of L2 per
 // core), one thread, alternating in one process: experts whose weights fit in L2 and that have

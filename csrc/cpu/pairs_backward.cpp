@@ -22,9 +22,6 @@ namespace {
 
 using BF16 = c10::BFloat16;
 
-// Rows (the GEMM's M) per call: torch compiles one kernel per (M, N, K, ...) per thread and
-// keeps it, so M stays bounded whatever the row count.
-constexpr int64_t kRowsPerCall = 128;
 // grad_a and grad_x pair their weight rows in blocks of kSlabCols columns (512-byte pieces of
 // rows, which pair at close to a copy's speed: 64-column slabs made the pairing 11% of a
 // mixtral-like backward) by as many rows as fit in kChunkBytes, so that the block stays in L2
