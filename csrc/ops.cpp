@@ -11,6 +11,7 @@
 
 #include "cpu/microkernel_backward.h"
 #include "cpu/packed_weights.h"
+#include "cpu/stream_gemm.h"
 
 TORCH_LIBRARY(sparsemoe, m) {
   // Token-choice routing, every scheme as options of one op. Scores: softmax over all E experts,
@@ -103,6 +104,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("panels_in_pairs", [dtype_of](const std::string& dtype) {
     return sparsemoe::panels_in_pairs(dtype_of(dtype));
   });
+  // Whether products of a few rows (decoding) on `dtype` panels stream them through our own
+  // AVX-512 kernel rather than oneDNN's, and up to how many rows.
+  module.def("panels_stream", [dtype_of](const std::string& dtype) {
+    return sparsemoe::panels_stream(dtype_of(dtype));
+  });
+  module.attr("stream_max_rows") = pybind11::int_(sparsemoe::kStreamMaxRows);
   // Which bf16 experts take the native bf16 micro-kernel in the backward, where panels are in
   // pairs: fewer rows than this, and at most this many bytes of weights.
   module.attr("pairs_backward_max_rows") = pybind11::int_(sparsemoe::kPairsMaxRows);

@@ -128,6 +128,10 @@ def test_info(capsys):
         assert ("VNNI pairs" in out) == sparsemoe.ops.panels_in_pairs(torch.bfloat16)
         assert (f"fewer than {sparsemoe._C.pairs_backward_max_rows} rows" in out) == \
             sparsemoe.ops.panels_in_pairs(torch.bfloat16)
+        streamed = [n for n in ("float32", "bfloat16") if sparsemoe.ops.panels_stream(getattr(torch, n))]
+        line = next(x for x in out.splitlines() if x.startswith("CPU few-row panel products"))
+        assert f"up to {sparsemoe._C.stream_max_rows} rows" in line
+        assert (f"kernel for {' and '.join(streamed)}," in line) if streamed else "no AVX-512" in line
     assert "OpenMP" in out or "ATen/Parallel" in out
 
 

@@ -205,6 +205,31 @@ def test_thread_count_and_batch_do_not_change_a_rows_output():
     assert torch.equal(alone[0], two[lo])
 
 
+@needs_microkernel
+@pytest.mark.parametrize("d, f", [(64, 96), (600, 300), (37, 21)])
+def test_a_rows_output_is_the_same_whatever_its_experts_row_count(d, f):
+    # Experts with up to _C.stream_max_rows rows stream the panels through sparsemoe's own kernel
+    # where it runs (ops.panels_stream), more rows take the micro-kernel: both must give each row
+    # the same bits, over several reduction tiles (d, f > 256) and column tails (37, 21) alike.
+    x, _, w1, w2, b1, b2 = experts(40, d, f, 1, "swiglu")
+    packed = ops.pack_expert_weights(w1, w2)
+    many = ops.expert_ffn(x, torch.tensor([0, 40]), w1, w2, "swiglu", b1, b2, packed=packed)
+    for n in range(1, sparsemoe._C.stream_max_rows + 3):
+        few = ops.expert_ffn(x[:n], torch.tensor([0, n]), w1, w2, "swiglu", b1, b2, packed=packed)
+        assert torch.equal(few, many[:n]), n
+
+
+def test_few_row_products_stream_on_avx512_cpus():
+    from sparsemoe.cli import cpu_flags
+    flags = cpu_flags()
+    if not flags or not ops.packed_kernels_available():
+        pytest.skip("needs /proc/cpuinfo and oneDNN's micro-kernel")
+    # float32 streams only where the probe found the kernel bitwise equal to the micro-kernel.
+    assert ops.panels_stream(torch.float32) == ("avx512f" in flags)
+    assert ops.panels_stream(torch.bfloat16) == ("avx512_bf16" in flags and ops.panels_in_pairs(torch.bfloat16))
+    assert not ops.panels_stream(torch.float16)
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda p: p[:, :-1], "packed: expected shape"),
     (lambda p: p.double(), "packed: expected dtype"),

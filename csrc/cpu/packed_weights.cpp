@@ -9,25 +9,24 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "activation.h"
 #include "checks.h"
 #include "cpu/fresh_buffers.h"
+#include "cpu/stream_gemm.h"
 #include "cpu/to_float.h"
 #include "ffn_checks.h"
 
 namespace sparsemoe {
 
-void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                float* C, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    // No reduction: the product is zero (the micro-kernel is not asked for K = 0).
-    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
-    return;
-  }
+namespace {
+
+// panel_gemm on oneDNN's micro-kernel alone (or the BLAS without it).
+void microkernel_panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   // One call per tile of at most kTileCols columns and kTileDepth reductions, the later depths
   // accumulating into the tile: the micro-kernel does not block B for the cache itself, and a B
@@ -47,14 +46,8 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
 #endif
 }
 
-void pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
-                int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  TORCH_CHECK(K % 2 == 0, "pairs_gemm: expected an even reduction length (panels in pairs are padded), got ", K);
-  if (K == 0) {
-    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
-    return;
-  }
+void microkernel_pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                            const c10::BFloat16* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   // Whole reductions per call: the bf16 kernel blocks K itself, and a 64-column slab of pairs is
   // half a float32 panel's bytes.
@@ -65,6 +58,40 @@ void pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t
 #else
   TORCH_CHECK(false, "pairs_gemm: this torch does not export the bf16 micro-kernel");
 #endif
+}
+
+}  // namespace
+
+void panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    // No reduction: the product is zero (the micro-kernel is not asked for K = 0).
+    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+  // A few rows stream the panel, where that gives the micro-kernel's own bits (checked once), so
+  // that a row's result never depends on how many rows share its product.
+  if (M <= kStreamMaxRows && stream_f32_matches_microkernel()) {
+    return stream_gemm_f32(M, N, K, kTileDepth, A, lda, B, ldb, C, ldc, accumulate);
+  }
+  microkernel_panel_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+void pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+                int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  TORCH_CHECK(K % 2 == 0, "pairs_gemm: expected an even reduction length (panels in pairs are padded), got ", K);
+  if (K == 0) {
+    for (int64_t r = 0; r < M && !accumulate; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+  // bf16 has no batch invariance to keep (its kernels change with the rows per expert anyway);
+  // the pairs kernel is checked against exact sums.
+  if (M <= kStreamMaxRows && stream_pairs_exact()) {
+    return stream_gemm_pairs(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+  microkernel_pairs_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void release_pairs_gemm() {
@@ -102,8 +129,8 @@ bool probe_pairs() {
     for (int64_t c = 0; c < N; ++c) B[(k / 2) * 2 * ldb + 2 * c + k % 2] = b_of(k, c);
   }
   try {
-    pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
-    pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
+    microkernel_pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
+    microkernel_pairs_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
     release_pairs_gemm();
   } catch (const c10::Error&) {
     release_pairs_gemm();
@@ -132,8 +159,8 @@ bool probe_microkernel() {
   for (size_t i = 0; i < A.size(); ++i) A[i] = static_cast<float>((i * 7 % 13) - 6) / 8.0f;
   for (size_t i = 0; i < B.size(); ++i) B[i] = static_cast<float>((i * 5 % 11) - 5) / 4.0f;
   try {
-    panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
-    panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
+    microkernel_panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
+    microkernel_panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
   } catch (const c10::Error&) {
     return false;
   }
@@ -147,6 +174,87 @@ bool probe_microkernel() {
   return true;
 #endif
 }
+
+// Values whose sums depend on their order (unlike the probes' small multiples of 1/8 above).
+std::vector<float> scrambled(size_t n, uint32_t seed) {
+  std::vector<float> v(n);
+  for (auto& x : v) {
+    seed = seed * 1664525u + 1013904223u;
+    x = static_cast<float>(static_cast<int32_t>(seed >> 8) - (1 << 23)) / static_cast<float>(1 << 20);
+  }
+  return v;
+}
+
+}  // namespace
+
+// The streaming float32 kernel against the micro-kernel, bitwise, for every row count it takes,
+// column tails, several reduction tiles, and an accumulating call: only then may panel_gemm
+// stream, since a row's bits must not depend on how many rows share its product.
+bool stream_f32_matches_microkernel() {
+  static const bool ok = [] {
+    if (!stream_f32_runs() || !panel_gemm_is_microkernel()) return false;
+    constexpr int64_t lda = 611, ldb = 83, ldc = 85;
+    for (const int64_t K : {1, 37, 256, 601}) {
+      const std::vector<float> A = scrambled(kStreamMaxRows * lda, 1), B = scrambled(K * ldb, 2);
+      for (const int64_t N : {5, 16, 23, 64, 80}) {
+        for (int64_t M = 1; M <= kStreamMaxRows; ++M) {
+          for (const bool accumulate : {false, true}) {
+            std::vector<float> want = scrambled(M * ldc, 3), got = want;
+            microkernel_panel_gemm(M, N, K, A.data(), lda, B.data(), ldb, want.data(), ldc, accumulate);
+            stream_gemm_f32(M, N, K, kTileDepth, A.data(), lda, B.data(), ldb, got.data(), ldc, accumulate);
+            if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0) return false;
+          }
+        }
+      }
+    }
+    return true;
+  }();
+  return ok;
+}
+
+// The streaming pairs kernel against exact sums (small multiples of 1/8: every product and sum
+// is exact in float32), with tails and an accumulating call.
+bool stream_pairs_exact() {
+  static const bool ok = [] {
+    if (!stream_pairs_runs()) return false;
+    constexpr int64_t lda = 90, ldb = 83, ldc = 85, K = 76;
+    const auto a_of = [](int64_t r, int64_t k) { return static_cast<float>(((r * 7 + k * 3) % 13) - 6) / 8.0f; };
+    const auto b_of = [](int64_t k, int64_t c) { return static_cast<float>(((k * 5 + c * 11) % 11) - 5) / 4.0f; };
+    std::vector<c10::BFloat16> A(kStreamMaxRows * lda), B(K * ldb);
+    for (int64_t r = 0; r < kStreamMaxRows; ++r) {
+      for (int64_t k = 0; k < K; ++k) A[r * lda + k] = a_of(r, k);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < ldb / 2; ++c) B[(k / 2) * 2 * ldb + 2 * c + k % 2] = b_of(k, c);
+    }
+    for (const int64_t N : {5, 16, 23, 41}) {
+      for (int64_t M = 1; M <= kStreamMaxRows; ++M) {
+        std::vector<float> C(M * ldc, -1.0f);
+        stream_gemm_pairs(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, false);
+        stream_gemm_pairs(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, true);  // C = 2 A B
+        for (int64_t r = 0; r < M; ++r) {
+          for (int64_t c = 0; c < ldc; ++c) {
+            double want = -1.0;  // columns from N on are left as they were
+            if (c < N) {
+              want = 0.0;
+              for (int64_t k = 0; k < K; ++k) want += 2.0 * a_of(r, k) * b_of(k, c);
+            }
+            if (C[r * ldc + c] != want) return false;
+          }
+        }
+      }
+    }
+    return true;
+  }();
+  return ok;
+}
+
+bool panels_stream(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return stream_f32_matches_microkernel();
+  return dtype == at::kBFloat16 && panels_in_pairs(dtype) && stream_pairs_exact();
+}
+
+namespace {
 
 // One panel: P[k * width + c] = src[c * s_col + k * s_k], for c < width, k < K. Row-major
 // weights (s_k = 1) are transposed (bfloat16 / float16 through a float32 tile, exact both ways);

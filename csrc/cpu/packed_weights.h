@@ -86,6 +86,14 @@ void pairs_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t
                 int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void release_pairs_gemm();
 
+// panel_gemm and pairs_gemm stream products of at most kStreamMaxRows rows (cpu/stream_gemm.h)
+// where the CPU runs those kernels and a probe checked them: bitwise against the micro-kernel for
+// float32 (so that no row's bits depend on how many rows share its product), exact sums for pairs.
+bool stream_f32_matches_microkernel();
+bool stream_pairs_exact();
+// Whether few-row products of `dtype` panels stream here (float32; bfloat16 panels in pairs).
+bool panels_stream(at::ScalarType dtype);
+
 // The micro-kernel's calls cover tiles of at most this many columns of C and this much of the
 // reduction (panel_gemm).
 constexpr int64_t kTileCols = 64, kTileDepth = 256;

@@ -228,6 +228,12 @@ def run_info(args) -> int:
               if ops.packed_kernels_available()
               else "off: this torch or CPU has no oneDNN micro-kernel, the unpacked ATen path runs")
     print(f"CPU packed expert weights: {packed}")
+    if ops.packed_kernels_available():
+        streamed = [name for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+                    if ops.panels_stream(dt)]
+        print(f"CPU few-row panel products (up to {sparsemoe._C.stream_max_rows} rows per expert, decoding): "
+              + (f"streaming AVX-512 kernel for {' and '.join(streamed)}, the micro-kernel otherwise" if streamed
+                 else "the micro-kernel (no AVX-512 streaming kernel on this CPU)"))
     cuda = bool(sparsemoe._C.with_cuda)
     cuda_line = f"CUDA kernels: {'built' if cuda else 'not built'}"
     if torch.cuda.is_available():

@@ -179,6 +179,14 @@ def panels_in_pairs(dtype: torch.dtype) -> bool:
     return bool(_C.panels_in_pairs(str(dtype).removeprefix("torch.")))
 
 
+def panels_stream(dtype: torch.dtype) -> bool:
+    """Whether products of at most ``_C.stream_max_rows`` rows (decoding's experts) on `dtype`
+    panels stream them through sparsemoe's AVX-512 kernel instead of oneDNN's micro-kernel here:
+    float32 where a probe found it bitwise equal to the micro-kernel, bfloat16 on panels in pairs
+    (AVX512-BF16). Either way the results are the same; only the speed differs."""
+    return bool(_C.panels_stream(str(dtype).removeprefix("torch.")))
+
+
 def packed_row_elems(d: int, f: int, gated: bool, dtype: torch.dtype) -> int:
     """Elements per expert of pack_expert_weights' output for these sizes and dtype."""
     halves = 2 if gated else 1
