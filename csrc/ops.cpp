@@ -78,6 +78,14 @@ TORCH_LIBRARY(sparsemoe, m) {
   // alone (oneDNN's micro-kernel): a row's output is bitwise the same whatever rows share the call
   // and whatever the thread count. The router of a batch-invariant layer.
   m.def("fixed_order_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // The dropless token-choice forward of an MoE layer, for inference (CPU; no autograd): logits
+  // = x @ router_weight^T + router_bias, then route, dispatch, expert_ffn and combine with these
+  // arguments, bitwise the same as those ops called one by one. x [T,d] -> out [T,d], logits
+  // [T,E], expert_ids [T,k], expert_offsets [E+1], slot [T,k] (the routing, for statistics).
+  m.def("moe_inference(Tensor x, Tensor router_weight, Tensor? router_bias, int k, bool renormalize, str scoring, "
+        "Tensor? selection_bias, int num_groups, int topk_groups, float scale, Tensor w1, Tensor w2, "
+        "str activation, Tensor? b1, Tensor? b2, float swiglu_alpha, float swiglu_limit, Tensor? packed) -> "
+        "(Tensor out, Tensor logits, Tensor expert_ids, Tensor expert_offsets, Tensor slot)");
   // -> grad_x [N,d], grad_w1 [E,F1,d], grad_w2 [E,d,f] (with the strides empty_like gives w1 and
   // w2: a transposed weight gets a transposed gradient), grad_b1 [E,F1], grad_b2 [E,d] (the bias
   // grads are [0,...] when bias_grads is false); experts with no rows get exact zeros.

@@ -11,12 +11,15 @@
 
 #include "checks.h"
 #include "combine_checks.h"
+#include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
 
 namespace sparsemoe {
 namespace {
 
 int64_t token_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
+
+}  // namespace
 
 at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
                        const std::optional<at::Tensor>& weights_in) {
@@ -51,6 +54,8 @@ at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
   });
   return out;
 }
+
+namespace {
 
 at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
                             const std::optional<at::Tensor>& weights_in, int64_t num_rows) {

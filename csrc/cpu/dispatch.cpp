@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
 #include "dispatch_checks.h"
 #include "ranking.h"
@@ -101,6 +102,8 @@ void apply_capacity(int64_t T, int64_t k, int64_t E, int64_t capacity, int64_t g
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                                                             int64_t num_experts, int64_t capacity,
                                                             const c10::optional<at::Tensor>& priority_in,
@@ -138,8 +141,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_
   if (off[s.E] < s.N) x_sorted.narrow(0, off[s.E], s.N - off[s.E]).zero_();
   return {x_sorted, offsets, slot};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sparsemoe, CPU, m) { m.impl("dispatch", &dispatch_cpu); }
 

@@ -24,6 +24,7 @@
 #include "cpu/expert_blocks.h"
 #include "cpu/expert_ffn_packed.h"
 #include "cpu/few_rows_gemm.h"
+#include "cpu/forward_ops.h"
 #include "cpu/fresh_buffers.h"
 #include "cpu/hidden_block.h"
 #include "cpu/index_checks.h"
@@ -101,6 +102,8 @@ void few_rows_linear(const T* a, int64_t lda, const ExpertWeight& w, int64_t e, 
                      rows, cols, K);
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const at::Tensor& offsets_in,
                                                   const at::Tensor& w1_in, const at::Tensor& w2_in,
@@ -201,6 +204,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   }
   return {y, hidden};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& offsets_in,

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
 #include "ranking.h"
 #include "route_checks.h"
@@ -68,6 +69,8 @@ void select_row(RowScratch<acc_t>& s, int64_t E, const RouteOptions& o, int64_t*
   std::copy(s.order.begin(), s.order.begin() + o.k, ids);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_t k, bool renormalize,
                                              c10::string_view scoring,
                                              const c10::optional<at::Tensor>& bias_in, int64_t num_groups,
@@ -106,6 +109,8 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits_in, int64_
   });
   return {weights, ids};
 }
+
+namespace {
 
 at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                               const at::Tensor& ids_in, bool renormalize, c10::string_view scoring_name,

@@ -133,6 +133,8 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, cfg.d_model)
         if cfg.batch_invariant:
             self._check_batch_invariant(x, autocast)
+        if self._runs_fused(tokens, autocast):
+            return self._fused_forward(tokens, padding_mask).reshape(shape)
         linear = ops.fixed_order_linear if cfg.batch_invariant else F.linear
         # The router reads the input as given: under autocast its linear is autocast like any
         # nn.Linear, unless router_dtype asks for a wider dtype.
@@ -193,11 +195,43 @@ class MoELayer(nn.Module):
         out = ops.combine(y, slot, None if cfg.weights_on_input else weights)
         if shared is not None:
             out = out + shared
-
-        self.router_logits = logits
-        self._routing = (logits, ids, offsets, slot, padding_mask)
-        self._stats = None
+        self._keep_routing(logits, ids, offsets, slot, padding_mask)
         return out.reshape(shape)
+
+    def _keep_routing(self, logits: Tensor, ids: Tensor, offsets: Tensor, slot: Tensor,
+                      padding_mask: Tensor | None) -> None:
+        # Plain attributes, set in __init__: straight into __dict__ (nn.Module.__setattr__'s
+        # parameter and submodule checks cost more than decoding's routing itself).
+        vars(self).update(router_logits=logits, _routing=(logits, ids, offsets, slot, padding_mask), _stats=None)
+
+    def _runs_fused(self, tokens: Tensor, autocast: bool) -> bool:
+        """Whether this forward runs as one ops.moe_inference call: inference (grad mode off) on the
+        CPU, dropless token choice on this process's experts, the router a plain linear in the
+        input's dtype with no hooks of its own to run. At decoding sizes the separate ops' call
+        overhead is as large as the experts' work."""
+        cfg, router = self.config, self.router
+        return (not torch.is_grad_enabled() and tokens.device.type == "cpu" and not autocast
+                and self._ep is None and cfg.routing == "token_choice" and not cfg.weights_on_input
+                and not cfg.batch_invariant and cfg.capacity(tokens.shape[0]) < 0
+                and not torch.compiler.is_compiling() and type(router) is Router
+                and router.weight.dtype == tokens.dtype and router.dtype_override in (None, tokens.dtype)
+                and not (router.training and router.jitter > 0)
+                and not (router._forward_hooks or router._forward_pre_hooks or _global_hooks()))
+
+    def _fused_forward(self, tokens: Tensor, padding_mask: Tensor | None) -> Tensor:
+        cfg, router = self.config, self.router
+        w1, w2 = self.gate_up_proj, self.down_proj
+        packed = (self._packed.get((w1, w2), w1, w2, cfg.activation, False, tokens.shape[0] * cfg.top_k)
+                  if cfg.packed_weights else None)
+        out, logits, ids, offsets, slot = ops.moe_inference(
+            tokens, router.weight, router.bias, w1, w2, cfg.top_k, cfg.renormalize, cfg.scoring,
+            router.selection_bias, cfg.num_groups, cfg.topk_groups, cfg.routed_scaling_factor, cfg.activation,
+            self.gate_up_proj_bias, self.down_proj_bias, cfg.swiglu_alpha, cfg.swiglu_limit, packed)
+        shared = self._shared_expert_output(tokens)
+        if shared is not None:
+            out = out + shared
+        self._keep_routing(logits, ids, offsets, slot, padding_mask)
+        return out
 
     @torch.compiler.disable
     def _eager_forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -300,6 +334,13 @@ MoELayer.__init__.__signature__ = inspect.signature(MoELayer.__init__).replace(p
     *[p for p in inspect.signature(MoELayer.__init__).parameters.values() if p.kind != p.VAR_KEYWORD],
     *[inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
       for f in fields(MoEConfig) if f.name not in inspect.signature(MoELayer.__init__).parameters]])
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module (nn.modules.module.register_module_forward_*)
+    exist: the fused forward would skip them on the router."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

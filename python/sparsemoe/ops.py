@@ -388,3 +388,34 @@ def _slot_dot_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("sparsemoe::slot_dot", _slot_dot_backward, setup_context=_slot_dot_setup)
+
+
+# --- moe_inference -----------------------------------------------------------------------------
+
+
+def moe_inference(x: Tensor, router_weight: Tensor, router_bias: Tensor | None, w1: Tensor, w2: Tensor, k: int,
+                renormalize: bool = True, scoring: str = "softmax", selection_bias: Tensor | None = None,
+                num_groups: int = 1, topk_groups: int = 1, scale: float = 1.0, activation: str = "swiglu",
+                b1: Tensor | None = None, b2: Tensor | None = None, swiglu_alpha: float = 1.702,
+                swiglu_limit: float = 7.0, packed: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A dropless token-choice MoE forward for inference (CPU), in one call: logits =
+    ``F.linear(x, router_weight, router_bias)``, then ``route``, ``dispatch``, ``expert_ffn`` and
+    ``combine`` with these arguments, bitwise their results, without the per-op call overhead
+    that dominates decoding. Returns (out [T,d], logits [T,E], expert_ids [T,k], expert_offsets
+    [E+1], slot [T,k]). It has no backward: with gradients on, call the ops one by one."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x, router_weight, router_bias, selection_bias, w1, w2, b1, b2)):
+        raise RuntimeError("moe_inference: an inference op with no backward, got inputs that require grad with "
+                           "grad mode on (run it under torch.no_grad(), or the ops one by one to train)")
+    return _ops.moe_inference(x, router_weight, router_bias, k, renormalize, scoring, selection_bias, num_groups,
+                            topk_groups, scale, w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit, packed)
+
+
+@torch.library.register_fake("sparsemoe::moe_inference")
+def _(x, router_weight, router_bias, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale,
+      w1, w2, activation, b1, b2, swiglu_alpha, swiglu_limit, packed):
+    torch._check(x.dim() == 2, lambda: f"x: expected [T, d], got {tuple(x.shape)}")
+    T, E = x.shape[0], router_weight.shape[0]
+    ids = x.new_empty((T, k), dtype=torch.int64)
+    return (x.new_empty((T, x.shape[1])), x.new_empty((T, E)), ids, ids.new_empty((E + 1,)), torch.empty_like(ids))

@@ -208,6 +208,19 @@ def slot_dot(a: Tensor, b: Tensor, slot: Tensor) -> Tensor:
     return torch.where(slot >= 0, dots, torch.zeros((), dtype=acc, device=a.device))
 
 
+def moe_inference(x: Tensor, router_weight: Tensor, router_bias: Tensor | None, w1: Tensor, w2: Tensor, k: int,
+                  renormalize: bool = True, scoring: str = "softmax", selection_bias: Tensor | None = None,
+                  num_groups: int = 1, topk_groups: int = 1, scale: float = 1.0, activation: str = "swiglu",
+                  b1: Tensor | None = None, b2: Tensor | None = None, swiglu_alpha: float = 1.702,
+                  swiglu_limit: float = 7.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The router linear, route, dropless dispatch, expert_ffn and combine, one after the other."""
+    logits = F.linear(x, router_weight, router_bias)
+    weights, ids = route(logits, k, renormalize, scoring, selection_bias, num_groups, topk_groups, scale)
+    rows, offsets, slot = dispatch(x, ids, w1.shape[0])
+    y = expert_ffn(rows, offsets, w1, w2, activation, b1, b2, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    return combine(y, slot, weights), logits, ids, offsets, slot
+
+
 def load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
     """Switch/GShard aux loss E * sum_e f_e * P_e, f_e = share of the T*k picks, P_e = mean prob."""
     probs = torch.softmax(logits.float(), dim=-1)
