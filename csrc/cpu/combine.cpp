@@ -13,6 +13,7 @@
 #include "combine_checks.h"
 #include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
+#include "cpu/row_loops.h"
 
 namespace sparsemoe {
 namespace {
@@ -39,16 +40,7 @@ at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
     at::parallel_for(0, T, token_grain(d), [&](int64_t b, int64_t e) {
       std::vector<acc_t> acc(d);
       for (int64_t t = b; t < e; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t s = sl[t * k + j];
-          if (s < 0) continue;
-          const acc_t wj = w ? w[t * k + j] : acc_t(1);
-          const scalar_t* yr = y + s * d;
-          for (int64_t i = 0; i < d; ++i) acc[i] += wj * static_cast<acc_t>(yr[i]);
-        }
-        scalar_t* orow = o + t * d;
-        for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<scalar_t>(acc[i]);
+        weighted_rows_sum<scalar_t, acc_t>(y, d, sl + t * k, w ? w + t * k : nullptr, k, acc.data(), o + t * d);
       }
     });
   });
@@ -80,8 +72,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
           if (s < 0) continue;
           scalar_t* orow = o + s * d;
           if (w) {
-            const acc_t wj = w[t * k + j];
-            for (int64_t i = 0; i < d; ++i) orow[i] = static_cast<scalar_t>(wj * static_cast<acc_t>(xr[i]));
+            scaled_row<scalar_t, acc_t>(xr, d, w[t * k + j], orow);
           } else {
             std::copy(xr, xr + d, orow);
           }
@@ -110,13 +101,7 @@ at::Tensor slot_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at
       for (int64_t t = bt; t < et; ++t) {
         for (int64_t j = 0; j < k; ++j) {
           const int64_t s = sl[t * k + j];
-          acc_t acc = 0;
-          if (s >= 0) {
-            const scalar_t* xr = x + t * d;
-            const scalar_t* yr = y + s * d;
-            for (int64_t i = 0; i < d; ++i) acc += static_cast<acc_t>(xr[i]) * static_cast<acc_t>(yr[i]);
-          }
-          o[t * k + j] = acc;
+          o[t * k + j] = s >= 0 ? row_dot<scalar_t, acc_t>(x + t * d, y + s * d, d) : acc_t(0);
         }
       }
     });

@@ -32,41 +32,52 @@ struct RanksBefore {
 template <typename acc_t>
 struct RowScratch {
   std::vector<acc_t> logit, score, key, group_score;
-  std::vector<int64_t> order, group_order;
+  std::vector<int64_t> order, group_order, chosen_groups;
   explicit RowScratch(int64_t E, int64_t G)
-      : logit(E), score(E), key(E), group_score(G), order(E), group_order(G) {}
+      : logit(E), score(E), key(E), group_score(G), order(E), group_order(G), chosen_groups(G) {}
 };
+
+// The k candidates that rank first, best first, into out [k] (k <= n): one pass that keeps the
+// best k so far in order. The order is total, so this is exactly what a partial sort gives; most
+// candidates fail the one compare against the k-th best, where a heap-based partial sort of 128
+// experts took as long as the softmax before it.
+template <typename Before>
+void top_k_of(const int64_t* cand, int64_t n, int64_t k, const Before& before, int64_t* out) {
+  int64_t held = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = cand[i];
+    if (held == k && !before(e, out[k - 1])) continue;
+    int64_t j = held < k ? held++ : k - 1;
+    for (; j > 0 && before(e, out[j - 1]); --j) out[j] = out[j - 1];
+    out[j] = e;
+  }
+}
 
 // Picks the k experts of one row into ids (best first). key holds the choice values.
 template <typename acc_t>
 void select_row(RowScratch<acc_t>& s, int64_t E, const RouteOptions& o, int64_t* ids) {
   const RanksBefore<acc_t> before{s.key.data()};
   std::iota(s.order.begin(), s.order.end(), 0);
-  if (o.num_groups == 1) {
-    std::partial_sort(s.order.begin(), s.order.begin() + o.k, s.order.end(), before);
-    std::copy(s.order.begin(), s.order.begin() + o.k, ids);
-    return;
-  }
+  if (o.num_groups == 1) return top_k_of(s.order.data(), E, o.k, before, ids);
   // Group score: the sum of the group's two best choice values (one when a group has one).
   const int64_t per = E / o.num_groups;
   const int64_t best = std::min<int64_t>(2, per);
   for (int64_t g = 0; g < o.num_groups; ++g) {
-    int64_t* first = s.order.data() + g * per;
-    std::partial_sort(first, first + best, first + per, before);
+    int64_t top[2];
+    top_k_of(s.order.data() + g * per, per, best, before, top);
     acc_t sum = 0;
-    for (int64_t i = 0; i < best; ++i) sum += s.key[first[i]];
+    for (int64_t i = 0; i < best; ++i) sum += s.key[top[i]];
     s.group_score[g] = sum;
   }
   std::iota(s.group_order.begin(), s.group_order.end(), 0);
-  std::partial_sort(s.group_order.begin(), s.group_order.begin() + o.topk_groups, s.group_order.end(),
-                    RanksBefore<acc_t>{s.group_score.data()});
+  top_k_of(s.group_order.data(), o.num_groups, o.topk_groups, RanksBefore<acc_t>{s.group_score.data()},
+           s.chosen_groups.data());
   // Gather the chosen groups' experts, then take the k best of them.
   int64_t n = 0;
   for (int64_t i = 0; i < o.topk_groups; ++i) {
-    for (int64_t e = s.group_order[i] * per; e < (s.group_order[i] + 1) * per; ++e) s.order[n++] = e;
+    for (int64_t e = s.chosen_groups[i] * per; e < (s.chosen_groups[i] + 1) * per; ++e) s.order[n++] = e;
   }
-  std::partial_sort(s.order.begin(), s.order.begin() + o.k, s.order.begin() + n, before);
-  std::copy(s.order.begin(), s.order.begin() + o.k, ids);
+  top_k_of(s.order.data(), n, o.k, before, ids);
 }
 
 }  // namespace
