@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/large_buffers.h"
 #include "cpu/microkernel_backward.h"
 #include "cpu/packed_weights.h"
 #include "cpu/stream_gemm.h"
@@ -118,6 +119,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return sparsemoe::panels_stream(dtype_of(dtype));
   });
   module.attr("stream_max_rows") = pybind11::int_(sparsemoe::kStreamMaxRows);
+  // The cache of freed large CPU buffers (cpu/large_buffers.h).
+  module.def("buffer_cache_bytes", &sparsemoe::buffer_cache_bytes);
+  module.def("buffer_cache_limit", &sparsemoe::buffer_cache_limit);
+  module.def("set_buffer_cache_limit", &sparsemoe::set_buffer_cache_limit);
+  module.def("release_buffer_cache", &sparsemoe::release_buffer_cache);
+  module.attr("buffer_cache_min_bytes") = pybind11::int_(sparsemoe::kCachedMinBytes);
   // Which bf16 experts take the native bf16 micro-kernel in the backward, where panels are in
   // pairs: fewer rows than this, and at most this many bytes of weights.
   module.attr("pairs_backward_max_rows") = pybind11::int_(sparsemoe::kPairsMaxRows);

@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "combine_checks.h"
+#include "cpu/large_buffers.h"
 #include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
 #include "cpu/row_loops.h"
@@ -29,7 +30,7 @@ at::Tensor combine_cpu(const at::Tensor& rows_in, const at::Tensor& slot_in,
   const at::Tensor slot = slot_in.contiguous();
   check_slot_values(slot, rows.size(0));
   const int64_t T = slot.size(0), k = slot.size(1), d = rows.size(1);
-  at::Tensor out = at::empty({T, d}, rows.options());
+  at::Tensor out = empty_large({T, d}, rows.options());
   const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "combine", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -56,7 +57,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src_in, const at::Tensor& slot_in,
   const at::Tensor slot = slot_in.contiguous();
   check_slot_values(slot, num_rows);  // distinct rows: two picks writing one row would race
   const int64_t T = slot.size(0), k = slot.size(1), d = src.size(1);
-  at::Tensor out = at::zeros({num_rows, d}, src.options());
+  at::Tensor out = empty_large({num_rows, d}, src.options()).zero_();
   const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scatter_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/large_buffers.h"
 #include "cpu/forward_ops.h"
 #include "cpu/index_checks.h"
 #include "dispatch_checks.h"
@@ -113,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& x_
   const at::Tensor ids = ids_in.contiguous();
   check_expert_ids_values(ids, num_experts);
 
-  at::Tensor x_sorted = at::empty({s.N, s.d}, x.options());
+  at::Tensor x_sorted = empty_large({s.N, s.d}, x.options());
   at::Tensor offsets = at::empty({s.E + 1}, ids.options());
   at::Tensor slot = at::empty({s.T, s.k}, ids.options());
   int64_t* off = offsets.data_ptr<int64_t>();

@@ -25,7 +25,7 @@
 #include "cpu/expert_ffn_packed.h"
 #include "cpu/few_rows_gemm.h"
 #include "cpu/forward_ops.h"
-#include "cpu/fresh_buffers.h"
+#include "cpu/large_buffers.h"
 #include "cpu/hidden_block.h"
 #include "cpu/index_checks.h"
 #include "cpu/microkernel_backward.h"
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     const bool one_block_per_expert = at::isReducedFloatingType(x.scalar_type());
     const std::vector<Block> blocks = expert_blocks(o, s.E, s.f, s.d, one_block_per_expert ? s.f : 64);
     const int64_t per_expert = blocks.empty() ? 1 : (s.f + blocks[0].cn - 1) / blocks[0].cn;
-    at::Tensor shares = at::empty({per_expert - 1, M, s.d}, x.options());
+    at::Tensor shares = empty_large({per_expert - 1, M, s.d}, x.options());
     // Row-major weights run on the micro-kernel, which takes them in place, when their gradients
     // are row-major too; column-major ones (read by the BLAS in either operand order), and
     // gradients in other layouts (empty_like of a weight with no unit stride), keep the ATen GEMMs.

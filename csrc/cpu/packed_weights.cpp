@@ -15,7 +15,7 @@
 
 #include "activation.h"
 #include "checks.h"
-#include "cpu/fresh_buffers.h"
+#include "cpu/large_buffers.h"
 #include "cpu/stream_gemm.h"
 #include "cpu/to_float.h"
 #include "ffn_checks.h"

@@ -187,6 +187,34 @@ def panels_stream(dtype: torch.dtype) -> bool:
     return bool(_C.panels_stream(str(dtype).removeprefix("torch.")))
 
 
+def buffer_cache_bytes() -> int:
+    """Bytes of freed large CPU buffers that sparsemoe's kernels keep for reuse. Their large
+    buffers (at least ``_C.buffer_cache_min_bytes``: dispatched rows, hidden activations, expert
+    outputs, input and weight gradients, packed weights) come from a cache that keeps freed blocks
+    mapped and hands them out again for the next buffer of the same rounded size, since fresh ones
+    are zeroed by the kernel page by page on every call. It holds at most ``buffer_cache_limit()``
+    bytes of freed blocks, the oldest returned first."""
+    return int(_C.buffer_cache_bytes())
+
+
+def buffer_cache_limit() -> int:
+    """The most freed bytes the buffer cache holds: 1 GiB unless the environment variable
+    ``SPARSEMOE_BUFFER_CACHE_MB`` or ``set_buffer_cache_limit`` says otherwise."""
+    return int(_C.buffer_cache_limit())
+
+
+def set_buffer_cache_limit(nbytes: int) -> None:
+    """Sets the buffer cache's limit (0: keep no freed block); blocks beyond it are freed now."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"nbytes: expected an int >= 0, got {nbytes!r}")
+    _C.set_buffer_cache_limit(nbytes)
+
+
+def release_buffer_cache() -> None:
+    """Returns every freed block the buffer cache holds to the system (the limit stays)."""
+    _C.release_buffer_cache()
+
+
 def packed_row_elems(d: int, f: int, gated: bool, dtype: torch.dtype) -> int:
     """Elements per expert of pack_expert_weights' output for these sizes and dtype."""
     halves = 2 if gated else 1
