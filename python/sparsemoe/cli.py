@@ -234,6 +234,11 @@ def run_info(args) -> int:
         print(f"CPU few-row panel products (up to {sparsemoe._C.stream_max_rows} rows per expert, decoding): "
               + (f"streaming AVX-512 kernel for {' and '.join(streamed)}, the micro-kernel otherwise" if streamed
                  else "the micro-kernel (no AVX-512 streaming kernel on this CPU)"))
+    limit = ops.buffer_cache_limit()
+    print("CPU buffer cache: " + (f"keeps up to {limit / 2 ** 20:g} MiB of freed buffers of at least "
+                                  f"{sparsemoe._C.buffer_cache_min_bytes // 2 ** 20} MiB for reuse, holding "
+                                  f"{ops.buffer_cache_bytes() / 2 ** 20:g} MiB (SPARSEMOE_BUFFER_CACHE_MB)"
+                                  if limit > 0 else "off (SPARSEMOE_BUFFER_CACHE_MB=0)"))
     cuda = bool(sparsemoe._C.with_cuda)
     cuda_line = f"CUDA kernels: {'built' if cuda else 'not built'}"
     if torch.cuda.is_available():
