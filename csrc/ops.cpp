@@ -11,6 +11,7 @@
 
 #include "cpu/large_buffers.h"
 #include "cpu/microkernel_backward.h"
+#include "cpu/native_forward.h"
 #include "cpu/packed_weights.h"
 #include "cpu/stream_gemm.h"
 
@@ -119,6 +120,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return sparsemoe::panels_stream(dtype_of(dtype));
   });
   module.attr("stream_max_rows") = pybind11::int_(sparsemoe::kStreamMaxRows);
+  // Unpacked bf16 forward blocks on the weights in place (cpu/native_forward.h): whether they run
+  // for a dtype, the block sizes they take, the switch and a counter.
+  module.def("native_forward_runs", [dtype_of](const std::string& dtype) {
+    return sparsemoe::native_forward_runs(dtype_of(dtype));
+  });
+  module.def("set_native_forward", &sparsemoe::set_native_forward);
+  module.def("native_forward_blocks", &sparsemoe::native_forward_blocks);
+  module.attr("native_forward_min_rows") = pybind11::int_(sparsemoe::kNativeMinRows);
+  module.attr("native_forward_max_rows") = pybind11::int_(sparsemoe::kNativeMaxRows);
   // The cache of freed large CPU buffers (cpu/large_buffers.h).
   module.def("buffer_cache_bytes", &sparsemoe::buffer_cache_bytes);
   module.def("buffer_cache_limit", &sparsemoe::buffer_cache_limit);

@@ -16,5 +16,5 @@ python -c "import sparsemoe, sys; sys.exit(0 if sparsemoe._C.sanitized else f'no
 # --capture=sys: a sanitizer's report (written to fd 2 before it aborts) reaches the log.
 python -m pytest -q --capture=sys -p no:cacheprovider tests/test_route.py tests/test_route_schemes.py \
     tests/test_dispatch.py tests/test_dispatch_capacity.py tests/test_combine.py tests/test_expert_ffn.py \
-    tests/test_expert_ffn_variants.py tests/test_expert_ffn_layouts.py tests/test_packed_weights.py tests/test_batch_invariance.py tests/test_hostile_input.py tests/test_bad_input.py tests/test_fuzz.py \
+    tests/test_expert_ffn_variants.py tests/test_expert_ffn_layouts.py tests/test_packed_weights.py tests/test_native_forward.py tests/test_batch_invariance.py tests/test_hostile_input.py tests/test_bad_input.py tests/test_fuzz.py \
     tests/test_layer.py tests/test_checkpoint.py tests/test_buffer_cache.py tests/test_moe_inference.py "$@"

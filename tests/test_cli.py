@@ -132,6 +132,10 @@ def test_info(capsys):
         line = next(x for x in out.splitlines() if x.startswith("CPU few-row panel products"))
         assert f"up to {sparsemoe._C.stream_max_rows} rows" in line
         assert (f"kernel for {' and '.join(streamed)}," in line) if streamed else "no AVX-512" in line
+    line = next(x for x in out.splitlines() if x.startswith("CPU unpacked bfloat16 forward: "))
+    in_range = (f"with {sparsemoe._C.native_forward_min_rows} to {sparsemoe._C.native_forward_max_rows} rows on the "
+                "weights in place")
+    assert (in_range in line) == sparsemoe.ops.native_forward_runs(torch.bfloat16), line
     limit = sparsemoe.ops.buffer_cache_limit()
     line = next(x for x in out.splitlines() if x.startswith("CPU buffer cache: "))
     assert (f"keeps up to {limit / 2 ** 20:g} MiB" in line) if limit > 0 else "off" in line

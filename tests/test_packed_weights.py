@@ -343,17 +343,26 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pay
     layer, plain = twin_layers(torch.bfloat16)
     layer(torch.randn(20, 32).bfloat16()).sum().backward()
     assert layer._packed.tensor is None  # 40 rows for 6 experts: packing would cost more than it saves
-    layer.zero_grad()
-    xb = torch.randn(60, 32).bfloat16()  # 120 rows, 20 per expert
-    got = layer(xb)
-    # Packed where bf16 panels pay: in pairs (AVX512-BF16 / AMX) or widened (no native bf16 GEMM).
-    assert (layer._packed.tensor is not None) == ops.packed_kernels_available(torch.bfloat16)
-    got.float().square().sum().backward()
-    want = plain(xb)
-    want.float().square().sum().backward()
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    for (name, a), b in zip(layer.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=3e-2, atol=3e-2, msg=name)
+    # Packed where bf16 panels pay: in pairs (AVX512-BF16 / AMX) or widened (no native bf16 GEMM),
+    # from 16 rows per expert; where the unpacked blocks multiply the weights in place on the
+    # native bf16 kernel, only above its largest block (64 rows).
+    pays = ops.packed_kernels_available(torch.bfloat16)
+    native = ops.native_forward_runs(torch.bfloat16)
+    assert sparsemoe._C.native_forward_max_rows == 64
+    for tokens, packs in ((60, pays and not native),  # 120 rows, 20 per expert
+                          (192, pays and not native),  # 384 rows, 64 per expert
+                          (195, pays)):  # 390 rows, 65 per expert
+        layer.zero_grad()
+        plain.zero_grad()
+        xb = torch.randn(tokens, 32).bfloat16()
+        got = layer(xb)
+        assert (layer._packed.tensor is not None) == packs, tokens
+        got.float().square().sum().backward()
+        want = plain(xb)
+        want.float().square().sum().backward()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for (name, a), b in zip(layer.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=3e-2, atol=3e-2, msg=name)
 
 
 def test_autocast_packs_the_cast_weights():

@@ -29,6 +29,7 @@
 #include "cpu/hidden_block.h"
 #include "cpu/index_checks.h"
 #include "cpu/microkernel_backward.h"
+#include "cpu/native_forward.h"
 #include "cpu/packed_weights.h"
 
 namespace sparsemoe {
@@ -126,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   at::Tensor a = empty_large({M, s.f}, x.options());
   at::Tensor y = empty_large({s.N, s.d}, x.options());
   const int64_t* o = offsets.data_ptr<int64_t>();
-  const PackedFfn pf{x, packed.value_or(at::Tensor()), b1, b2, hidden, a, y, s,
+  const PackedFfn pf{x, packed.value_or(at::Tensor()), b1, b2, hidden, a, y, w1.t, w2.t, s,
                      layout, act, gate_up_interleaved};
   // With packed weights, blocks run on the panels, except few-row blocks of reduced-precision
   // experts on plain panels: the few-rows kernel reads their original weights (as many bytes as
@@ -136,6 +137,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
   const bool widened = at::isReducedFloatingType(x.scalar_type()) && !pf.layout.pairs;
   const auto on_panels = [&](const Block& b) { return pf.packed.defined() && !(widened && b.n <= kFewRows); };
   const int64_t align1 = pf.packed.defined() ? pf.layout.pw1 : 16, align2 = pf.packed.defined() ? pf.layout.pw2 : 16;
+  // Without panels, bf16 blocks of a few dozen rows multiply the weights in place on the micro-kernel.
+  const bool native = !pf.packed.defined() && native_forward_fits(x, w1.t, w2.t);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_ffn", [&] {
     const scalar_t* bias1 = b1.defined() ? b1.data_ptr<scalar_t>() : nullptr;
@@ -146,6 +149,9 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
     for_each_block("sparsemoe::expert_ffn gemm1+act", blocks1, [&](const Block& b) {
       if constexpr (kPackable) {
         if (on_panels(b)) return packed_gemm1_block<scalar_t>(pf, b);
+      }
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (native_block(native, b.n)) return native_gemm1_block(pf, b);
       }
       if (gate_up_interleaved) {
         // The block's gate and up columns are hidden columns [2c0, 2c0 + 2cn), in w1's order.
@@ -185,6 +191,9 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x_in, const 
     for_each_block("sparsemoe::expert_ffn gemm2", blocks2, [&](const Block& b) {
       if constexpr (kPackable) {
         if (on_panels(b)) return packed_gemm2_block<scalar_t>(pf, b);
+      }
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (native_block(native, b.n)) return native_gemm2_block(pf, b);
       }
       if (b.n <= kFewRows) {
         few_rows_linear<scalar_t>(row_ptr<scalar_t>(a, b.r0, 0), s.f, w2, b.e, b.c0, /*second=*/0,

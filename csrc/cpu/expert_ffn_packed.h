@@ -14,9 +14,10 @@
 namespace sparsemoe {
 
 // What the forward's blocks read and write: x [N, d], hidden [N, F1], a [M, f], y [N, d], the
-// biases (undefined when absent) and the packed panels.
+// biases (undefined when absent), the packed panels, and the weights themselves (the native
+// blocks of cpu/native_forward.h read them in place).
 struct PackedFfn {
-  at::Tensor x, packed, b1, b2, hidden, a, y;
+  at::Tensor x, packed, b1, b2, hidden, a, y, w1, w2;
   FfnDims s;
   PackedLayout layout;
   ActivationSpec act;

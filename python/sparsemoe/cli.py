@@ -234,6 +234,11 @@ def run_info(args) -> int:
         print(f"CPU few-row panel products (up to {sparsemoe._C.stream_max_rows} rows per expert, decoding): "
               + (f"streaming AVX-512 kernel for {' and '.join(streamed)}, the micro-kernel otherwise" if streamed
                  else "the micro-kernel (no AVX-512 streaming kernel on this CPU)"))
+    lo, hi = sparsemoe._C.native_forward_min_rows, sparsemoe._C.native_forward_max_rows
+    print("CPU unpacked bfloat16 forward: " + (
+        f"experts with {lo} to {hi} rows on the weights in place through oneDNN's native bf16 micro-kernel "
+        "(no packing; training steps pack only above that), ATen's GEMMs otherwise"
+        if ops.native_forward_runs(torch.bfloat16) else "ATen's GEMMs (no native bf16 micro-kernel in use)"))
     limit = ops.buffer_cache_limit()
     print("CPU buffer cache: " + (f"keeps up to {limit / 2 ** 20:g} MiB of freed buffers of at least "
                                   f"{sparsemoe._C.buffer_cache_min_bytes // 2 ** 20} MiB for reuse, holding "

@@ -187,6 +187,24 @@ def panels_stream(dtype: torch.dtype) -> bool:
     return bool(_C.panels_stream(str(dtype).removeprefix("torch.")))
 
 
+def native_forward_runs(dtype: torch.dtype) -> bool:
+    """Whether the expert forward in `dtype` without packed panels runs its blocks of
+    ``_C.native_forward_min_rows`` to ``_C.native_forward_max_rows`` rows on the weights in place,
+    through oneDNN's native bf16 micro-kernel (bfloat16 where the CPU has AVX512-BF16 or AMX), for
+    row-major weights with an even d and f; other blocks and dtypes run on ATen's GEMMs. The
+    results are the same either way within rounding; only the speed differs."""
+    return bool(_C.native_forward_runs(str(dtype).removeprefix("torch.")))
+
+
+def set_native_forward(enabled: bool) -> None:
+    """Turns the in-place forward blocks of ``native_forward_runs`` off (or back on) for every
+    later call in this process, for A/B measurements. ``_C.native_forward_blocks()`` counts the
+    blocks they ran."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _C.set_native_forward(enabled)
+
+
 def buffer_cache_bytes() -> int:
     """Bytes of freed large CPU buffers that sparsemoe's kernels keep for reuse. Their large
     buffers (at least ``_C.buffer_cache_min_bytes``: dispatched rows, hidden activations, expert

@@ -13,7 +13,10 @@ beat oneDNN's bf16 GEMMs (which re-pack the weights every call) where the CPU ha
 AMX, and widened panels beat ATen's emulated ones where it has no native bf16 GEMM. A training
 step (grad enabled), whose weights change every step, would spend more on repacking than the
 panels save in float32, or in bf16 with fewer than PACK_MIN_ROWS rows per expert on average,
-and runs unpacked.
+and runs unpacked. Where the unpacked bf16 forward multiplies the weights in place on the native
+micro-kernel (ops.native_forward_runs), a training step packs only above
+_C.native_forward_max_rows rows per expert on average: up to there the in-place blocks need no
+packing and are as fast as the panels.
 """
 
 from __future__ import annotations
@@ -23,11 +26,20 @@ from torch import Tensor
 
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import ops
+from . import _C, ops
 
 # Rows per expert (on average) from which a bf16 / fp16 training step packs the expert weights:
 # packing touches every weight once, as a forward on that many rows per expert roughly does.
 PACK_MIN_ROWS = 16
+
+
+def _training_pack_min_rows(dtype: torch.dtype) -> float:
+    """Rows per expert on average from which a training step packs `dtype` expert weights."""
+    if dtype == torch.float32:
+        return float("inf")
+    if ops.native_forward_runs(dtype):
+        return _C.native_forward_max_rows + 1
+    return PACK_MIN_ROWS
 
 
 class PackedWeights:
@@ -51,9 +63,8 @@ class PackedWeights:
                            for p in sources))
         if self.tensor is not None and self.key == key:
             return self.tensor
-        E = w1.shape[0]
         if not always and torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
-                w1.dtype == torch.float32 or rows < PACK_MIN_ROWS * E):
+                rows < _training_pack_min_rows(w1.dtype) * w1.shape[0]):
             self.clear()  # stale panels: free them
             return None
         # Repack into the stale panels' buffer when the dtype and shapes still match (no allocation).
