@@ -22,7 +22,6 @@ turns the cache off for memory).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -83,15 +82,9 @@ def native_rows(shapes, tokens, warmup: int, runs: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few runs (smoke test)")
-    parser.add_argument("--out", default=None, help="directory for the report (default benchmarks/results)")
-    args = parser.parse_args(argv)
+    args, out = bench_report.quick_cli(__doc__, argv)
     if not ops.native_forward_runs(torch.bfloat16):
         sys.exit("bench_native: the bf16 forward does not run on the weights in place here (python -m sparsemoe info)")
-    here = Path(__file__).resolve().parent
-    out = Path(args.out) if args.out else here / "results" / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
     shapes, warmup, runs = (QUICK_SHAPES, 1, 3) if args.quick else (SHAPES, 2, 11)
     tokens = (16, 64) if args.quick else (128, 512, 2048)
     t0 = time.perf_counter()

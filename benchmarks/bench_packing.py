@@ -13,7 +13,6 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -94,15 +93,9 @@ def invariance_rows(shapes, tokens, rounds: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few runs (smoke test)")
-    parser.add_argument("--out", default=None, help="directory for the report (default benchmarks/results)")
-    args = parser.parse_args(argv)
+    args, out = bench_report.quick_cli(__doc__, argv)
     if not ops.packed_kernels_available():
         sys.exit("bench_packing: oneDNN's micro-kernel is not available here (python -m sparsemoe info)")
-    here = Path(__file__).resolve().parent
-    out = Path(args.out) if args.out else here / "results" / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
     shapes, runs, rounds = (QUICK_SHAPES, 3, 3) if args.quick else (SHAPES, 9, 11)
     tokens = (1, 32) if args.quick else (1, 32, 512)
     t0 = time.perf_counter()

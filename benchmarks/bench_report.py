@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -10,6 +11,18 @@ from pathlib import Path
 import torch
 
 import sparsemoe
+
+def quick_cli(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """--quick and --out of a results-writing benchmark: its arguments and the folder it writes to
+    (benchmarks/results, or results/quick for --quick), created."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few runs (smoke test)")
+    parser.add_argument("--out", default=None, help="directory for the report (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out
+
 
 COLUMNS = ["shape", "T", "dtype", "pass", "sparsemoe ms", "HF-loop ms", "grouped_mm ms", "dense ms", "eta",
            "x HF loop", "x grouped_mm", "GFLOP/s", "% of peak", "peak MiB: sparsemoe / HF / grouped_mm", "t / t_read"]

@@ -62,26 +62,47 @@ bool native_forward_fits(const at::Tensor& x, const at::Tensor& w1, const at::Te
   return native_forward_runs(x.scalar_type()) && in_place(w1) && in_place(w2) && word_aligned(x);
 }
 
-void native_gemm1_block(const PackedFfn& p, const Block& b) {
+namespace {
+
+struct Scratch {
+  std::vector<BF16> B;
+  std::vector<float> tile, transposed;
+};
+
+// Counts the block and pairs its n rows (row stride K) into the thread's B operand.
+Scratch& start_block(const BF16* rows, int64_t K, int64_t n) {
   g_blocks.fetch_add(1, std::memory_order_relaxed);
+  thread_local Scratch sc;
+  sc.tile.resize(static_cast<size_t>(kNativeCols * n));
+  rows_as_pairs(rows, K, n, K, sc.B);
+  return sc;
+}
+
+// out[r, c * step] for w <= kNativeCols columns: the weight rows W (row stride lda) times the
+// paired rows, transposed and stored with the bias.
+void column_slice(Scratch& sc, int64_t w, int64_t n, int64_t K, const BF16* W, int64_t lda, const BF16* bias,
+                  BF16* out, int64_t ldo, int64_t step) {
+  pairs_gemm(w, n, K, W, lda, sc.B.data(), n, sc.tile.data(), n, false);
+  store_transposed(sc.tile.data(), w, n, bias, out, ldo, step, sc.transposed);
+}
+
+}  // namespace
+
+void native_gemm1_block(const PackedFfn& p, const Block& b) {
   const FfnDims& s = p.s;
   const bool il = p.gate_up_interleaved;
   const int64_t halves = is_gated(p.act) ? 2 : 1;
-  thread_local std::vector<BF16> B;
-  thread_local std::vector<float> tile, scratch;
-  tile.resize(static_cast<size_t>(kNativeCols * b.n));
+  Scratch& sc = start_block(p.x.data_ptr<BF16>() + b.r0 * s.d, s.d, b.n);
   const BF16* w1 = p.w1.data_ptr<BF16>() + b.e * p.w1.stride(0);
   const int64_t ld1 = p.w1.stride(1);
   const BF16* bias1 = ptr_or_null(p.b1);
-  rows_as_pairs(p.x.data_ptr<BF16>() + b.r0 * s.d, s.d, b.n, s.d, B);
   for (int64_t h = 0; h < halves; ++h) {
     for (int64_t c0 = b.c0; c0 < b.c0 + b.cn; c0 += kNativeCols) {
-      const int64_t w = std::min(kNativeCols, b.c0 + b.cn - c0);
       // Hidden column (and w1 row) of activation column c0 in half h, and the step to the next one.
       const int64_t col0 = il ? 2 * c0 + h : h * s.f + c0, step = il ? 2 : 1;
-      pairs_gemm(w, b.n, s.d, w1 + col0 * ld1, step * ld1, B.data(), b.n, tile.data(), b.n, false);
-      store_transposed(tile.data(), w, b.n, bias1 != nullptr ? bias1 + b.e * s.F1 + col0 : nullptr,
-                       p.hidden.data_ptr<BF16>() + b.r0 * s.F1 + col0, s.F1, step, scratch);
+      column_slice(sc, std::min(kNativeCols, b.c0 + b.cn - c0), b.n, s.d, w1 + col0 * ld1, step * ld1,
+                   bias1 != nullptr ? bias1 + b.e * s.F1 + col0 : nullptr,
+                   p.hidden.data_ptr<BF16>() + b.r0 * s.F1 + col0, s.F1, step);
     }
   }
   release_pairs_gemm();  // before the thread's next ATen GEMM
@@ -89,20 +110,14 @@ void native_gemm1_block(const PackedFfn& p, const Block& b) {
 }
 
 void native_gemm2_block(const PackedFfn& p, const Block& b) {
-  g_blocks.fetch_add(1, std::memory_order_relaxed);
   const FfnDims& s = p.s;
-  thread_local std::vector<BF16> B;
-  thread_local std::vector<float> tile, scratch;
-  tile.resize(static_cast<size_t>(kNativeCols * b.n));
+  Scratch& sc = start_block(p.a.data_ptr<BF16>() + b.r0 * s.f, s.f, b.n);
   const BF16* w2 = p.w2.data_ptr<BF16>() + b.e * p.w2.stride(0);
   const int64_t ld2 = p.w2.stride(1);
   const BF16* bias2 = ptr_or_null(p.b2);
-  rows_as_pairs(p.a.data_ptr<BF16>() + b.r0 * s.f, s.f, b.n, s.f, B);
   for (int64_t c0 = b.c0; c0 < b.c0 + b.cn; c0 += kNativeCols) {
-    const int64_t w = std::min(kNativeCols, b.c0 + b.cn - c0);
-    pairs_gemm(w, b.n, s.f, w2 + c0 * ld2, ld2, B.data(), b.n, tile.data(), b.n, false);
-    store_transposed(tile.data(), w, b.n, bias2 != nullptr ? bias2 + b.e * s.d + c0 : nullptr,
-                     p.y.data_ptr<BF16>() + b.r0 * s.d + c0, s.d, 1, scratch);
+    column_slice(sc, std::min(kNativeCols, b.c0 + b.cn - c0), b.n, s.f, w2 + c0 * ld2, ld2,
+                 bias2 != nullptr ? bias2 + b.e * s.d + c0 : nullptr, p.y.data_ptr<BF16>() + b.r0 * s.d + c0, s.d, 1);
   }
   release_pairs_gemm();
 }
