@@ -8,11 +8,12 @@ Run from the repository root:
 The bfloat16 MoELayer of the ladder's shapes (benchmarks/bench_layer.py), timed in interleaved
 rounds in one process (bench_layer.round_robin_ms), three ways:
 - native: this build's default. A training step packs the expert weights only above
-  _C.native_forward_max_rows rows per expert on average; below, its forward blocks of
+  _C.native_forward_max_rows rows per expert on average (never on AMX CPUs, packing.py);
+  below, its forward blocks of
   _C.native_forward_min_rows.._C.native_forward_max_rows rows run on the weights in place.
-- packs from 16 rows: ops.set_native_forward(False), the layer as before the in-place blocks: a
-  training step packs from packing.PACK_MIN_ROWS rows per expert on average, and runs on
-  ATen's GEMMs below.
+- packs from 16 rows: ops.set_native_forward(False) and packing._amx_rule off, the layer as
+  before the in-place blocks: a training step packs from packing.PACK_MIN_ROWS rows per expert
+  on average, and runs on ATen's GEMMs below.
 - ATen GEMMs: ops.set_native_forward(False) and packed_weights=False.
 Passes: a training step (forward + backward of (out * g).sum() into the input and every parameter,
 the packed weights dropped first as an optimizer step would make them stale, so packing counts),
@@ -33,15 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_layer  # noqa: E402
 import bench_report  # noqa: E402
 import sparsemoe  # noqa: E402
-from sparsemoe import ops  # noqa: E402
+from sparsemoe import ops, packing  # noqa: E402
 
 SHAPES = [s for s in bench_layer.CPU_SHAPES if s.name in ("mixtral-like", "olmoe-like", "qwen3-like")]
 QUICK_SHAPES = [s for s in bench_layer.QUICK_SHAPES if s.name in ("olmoe-like", "qwen3-like")]
 
 
 def with_native(enabled: bool, step):
+    """`step` with the in-place blocks on (this build's default) or off; off also packs as a CPU
+    without AMX does (packing._amx_rule), so that "packs from 16 rows" packs on AMX CPUs too."""
     def run():
         ops.set_native_forward(enabled)
+        packing._amx_rule = enabled
         step()
     return run
 
@@ -78,6 +82,7 @@ def native_rows(shapes, tokens, warmup: int, runs: int) -> list[str]:
                     print(rows[-1], flush=True)
     finally:
         ops.set_native_forward(True)
+        packing._amx_rule = True
     return rows
 
 

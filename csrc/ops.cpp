@@ -102,6 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = pybind11::bool_(SPARSEMOE_WITH_CUDA);
   // Whether pack_expert_weights' path runs oneDNN's micro-kernel here (built and probed).
   module.def("packed_kernels_available", &sparsemoe::panel_gemm_is_microkernel);
+  // A CPU feature by ATen's name for it ("amx_bf16", "avx512_bf16", ...).
+  module.def("cpu_has", [](const std::string& feature) { return sparsemoe::cpu_has(feature.c_str()); });
   // Per dtype ("float32", "bfloat16", "float16"): whether the forward gains from packed panels on
   // this CPU, and whether they are stored in pairs for the native bf16 micro-kernel.
   const auto dtype_of = [](const std::string& dtype) {

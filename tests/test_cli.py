@@ -136,6 +136,16 @@ def test_info(capsys):
     in_range = (f"with {sparsemoe._C.native_forward_min_rows} to {sparsemoe._C.native_forward_max_rows} rows on the "
                 "weights in place")
     assert (in_range in line) == sparsemoe.ops.native_forward_runs(torch.bfloat16), line
+    hardware = sparsemoe.ops.bf16_gemm_hardware()
+    assert f"bfloat16 GEMM hardware: {'none (emulated)' if hardware == 'none' else hardware}" in out
+    flags = sparsemoe.cli.cpu_flags()  # the kernel's view of the CPU, against ATen's
+    if flags:
+        assert hardware == ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none")
+    if sparsemoe.ops.packed_kernels_available(torch.bfloat16):
+        line = next(x for x in out.splitlines() if x.startswith("CPU bfloat16 packing: "))
+        assert ("training steps never pack" in line) == (hardware == "AMX"), line
+        assert (f"forwards run unpacked from {sparsemoe.packing.AMX_UNPACKED_MIN_ROWS} rows" in line) == \
+            (hardware == "AMX"), line
     limit = sparsemoe.ops.buffer_cache_limit()
     line = next(x for x in out.splitlines() if x.startswith("CPU buffer cache: "))
     assert (f"keeps up to {limit / 2 ** 20:g} MiB" in line) if limit > 0 else "off" in line

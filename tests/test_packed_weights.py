@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparsemoe
-from sparsemoe import ops, reference
+from sparsemoe import ops, packing, reference
 from helpers import (close, experts, interleave_gate_up, lowp_tolerance, needs_microkernel, threads,
                      transposed_view)
 
@@ -345,8 +345,9 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pay
     assert layer._packed.tensor is None  # 40 rows for 6 experts: packing would cost more than it saves
     # Packed where bf16 panels pay: in pairs (AVX512-BF16 / AMX) or widened (no native bf16 GEMM),
     # from 16 rows per expert; where the unpacked blocks multiply the weights in place on the
-    # native bf16 kernel, only above its largest block (64 rows).
-    pays = ops.packed_kernels_available(torch.bfloat16)
+    # native bf16 kernel, only above its largest block (64 rows); never where oneDNN's bf16 GEMMs
+    # run on AMX tiles.
+    pays = ops.packed_kernels_available(torch.bfloat16) and ops.bf16_gemm_hardware() != "AMX"
     native = ops.native_forward_runs(torch.bfloat16)
     assert sparsemoe._C.native_forward_max_rows == 64
     for tokens, packs in ((60, pays and not native),  # 120 rows, 20 per expert
@@ -363,6 +364,26 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pay
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         for (name, a), b in zip(layer.named_parameters(), plain.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=3e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.skipif(not ops.packed_kernels_available(torch.bfloat16), reason="bf16 packs nowhere here")
+def test_bfloat16_forward_runs_unpacked_on_amx_from_512_rows_per_expert():
+    layer, plain = twin_layers(torch.bfloat16)
+    same_output(layer, plain, torch.randn(20, 32).bfloat16())
+    panels = layer._packed.tensor
+    assert panels is not None
+    amx = ops.bf16_gemm_hardware() == "AMX"
+    assert packing.AMX_UNPACKED_MIN_ROWS == 512
+    sources = (layer.gate_up_proj, layer.down_proj)
+    with torch.no_grad():
+        for rows, unpacked in ((512 * 6 - 1, False), (512 * 6, amx), (4096 * 6, amx)):
+            got = layer._packed.get(sources, *sources, "swiglu", False, rows)
+            assert (got is None) == unpacked, rows
+            assert layer._packed.tensor is panels  # kept for the smaller batches either way
+        always = layer._packed.get(sources, *sources, "swiglu", False, 512 * 6, always=True)
+        assert always is panels  # a batch-invariant layer runs on the panels at every size
+    same_output(layer, plain, torch.randn(512 * 3, 32).bfloat16())  # 3072 rows, 512 per expert
+    assert layer._packed.tensor is panels
 
 
 def test_autocast_packs_the_cast_weights():

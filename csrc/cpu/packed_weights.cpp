@@ -100,13 +100,13 @@ void release_pairs_gemm() {
 #endif
 }
 
-namespace {
-
 bool cpu_has(const char* feature) {
   const auto caps = at::cpu::get_cpu_capabilities();
   const auto it = caps.find(feature);
   return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
+
+namespace {
 
 // The bf16 kernel on pairs, checked like the float32 one (odd M and N, wide leading dimensions,
 // an accumulating call). Only asked where the CPU has the instructions: elsewhere oneDNN's

@@ -68,6 +68,10 @@ struct PackedLayout {
   int64_t w2_panel(int64_t c0) const { return w1_elems() + c0 * kf; }
 };
 
+// Whether ATen reports the CPU feature `feature` here (at::cpu::get_cpu_capabilities' names:
+// "avx512_bf16", "amx_bf16", ...).
+bool cpu_has(const char* feature);
+
 // Whether bfloat16 panels are stored in pairs and multiplied by oneDNN's native bf16
 // micro-kernel here (torch exports it, the CPU has AVX512-BF16 or AMX, and a probe product
 // checked out): only then are `dtype` panels in pairs.

@@ -200,6 +200,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def bf16_packing_policy() -> str:
+    from sparsemoe import packing
+
+    pack_from = packing._training_pack_min_rows(torch.bfloat16)
+    training = (f"training steps pack from {pack_from:g} rows per expert on average" if pack_from != float("inf")
+                else "training steps never pack (oneDNN's AMX GEMMs beat packing every step)")
+    if packing._on_amx(torch.bfloat16):
+        return (training + f"; forwards run unpacked from {packing.AMX_UNPACKED_MIN_ROWS} rows per expert on "
+                "average, where oneDNN's AMX GEMMs beat the panels")
+    return training
+
+
 def run_info(args) -> int:
     import sparsemoe
 
@@ -213,9 +225,9 @@ def run_info(args) -> int:
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}")
     print(f"CPU kernels: built (C++/OpenMP; expert GEMMs through ATen/MKL/oneDNN); ATen CPU capability {capability}")
     print(f"CPU flags: avx512f {yn('avx512f')}, avx512_bf16 {yn('avx512_bf16')}, amx_bf16 {yn('amx_bf16')}")
-    bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none (emulated)")
-    print(f"bfloat16 GEMM hardware: {bf16}")
     ops = sparsemoe.ops
+    bf16 = ops.bf16_gemm_hardware()
+    print(f"bfloat16 GEMM hardware: {'none (emulated)' if bf16 == 'none' else bf16}")
     if ops.panels_in_pairs(torch.bfloat16):
         bf16_packed = ("on panels in VNNI pairs through oneDNN's native bf16 micro-kernel, and its backward on "
                        f"that kernel for experts with fewer than {sparsemoe._C.pairs_backward_max_rows} rows and "
@@ -237,8 +249,10 @@ def run_info(args) -> int:
     lo, hi = sparsemoe._C.native_forward_min_rows, sparsemoe._C.native_forward_max_rows
     print("CPU unpacked bfloat16 forward: " + (
         f"experts with {lo} to {hi} rows on the weights in place through oneDNN's native bf16 micro-kernel "
-        "(no packing; training steps pack only above that), ATen's GEMMs otherwise"
+        "(no packing), ATen's GEMMs otherwise"
         if ops.native_forward_runs(torch.bfloat16) else "ATen's GEMMs (no native bf16 micro-kernel in use)"))
+    if ops.packed_kernels_available(torch.bfloat16):
+        print("CPU bfloat16 packing: " + bf16_packing_policy())
     limit = ops.buffer_cache_limit()
     print("CPU buffer cache: " + (f"keeps up to {limit / 2 ** 20:g} MiB of freed buffers of at least "
                                   f"{sparsemoe._C.buffer_cache_min_bytes // 2 ** 20} MiB for reuse, holding "

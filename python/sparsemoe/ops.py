@@ -8,6 +8,8 @@ csrc/ops.cpp; the wrappers take the same keywords as the ops in sparsemoe.refere
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -171,6 +173,16 @@ def packed_kernels_available(dtype: torch.dtype = torch.float32) -> bool:
     if not _C.packed_kernels_available():
         return False
     return bool(_C.packed_weights_pay(str(dtype).removeprefix("torch.")))
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_hardware() -> str:
+    """What multiplies bfloat16 natively on this CPU, as ATen sees it: ``"AMX"`` (tile
+    instructions, which oneDNN's own bf16 GEMMs use), ``"AVX512-BF16"`` (``vdpbf16ps``) or
+    ``"none"`` (ATen emulates bf16 GEMMs)."""
+    if _C.cpu_has("amx_bf16"):
+        return "AMX"
+    return "AVX512-BF16" if _C.cpu_has("avx512_bf16") else "none"
 
 
 def panels_in_pairs(dtype: torch.dtype) -> bool:

@@ -16,7 +16,10 @@ panels save in float32, or in bf16 with fewer than PACK_MIN_ROWS rows per expert
 and runs unpacked. Where the unpacked bf16 forward multiplies the weights in place on the native
 micro-kernel (ops.native_forward_runs), a training step packs only above
 _C.native_forward_max_rows rows per expert on average: up to there the in-place blocks need no
-packing and are as fast as the panels.
+packing and are as fast as the panels. Where the CPU has AMX, oneDNN's bf16 GEMMs run on its tiles and
+beat panels packed every step at any row count, so a bf16 training step never packs there; they
+also beat the reused panels of an inference forward from AMX_UNPACKED_MIN_ROWS rows per expert on
+average, which then runs unpacked (the panels stay cached for smaller batches).
 """
 
 from __future__ import annotations
@@ -31,11 +34,23 @@ from . import _C, ops
 # Rows per expert (on average) from which a bf16 / fp16 training step packs the expert weights:
 # packing touches every weight once, as a forward on that many rows per expert roughly does.
 PACK_MIN_ROWS = 16
+# Rows per expert (on average) from which a bf16 forward on AMX runs unpacked even with panels
+# cached: measured, oneDNN's GEMMs there tie with the panels at 512 rows on fine-grained experts
+# and beat them by 10-20% on coarse ones (d=512, f=1792) and from 1024 rows.
+AMX_UNPACKED_MIN_ROWS = 512
+
+
+# Off, an AMX CPU packs as the others do (benchmarks/bench_packing.py times the rule against that).
+_amx_rule = True
+
+
+def _on_amx(dtype: torch.dtype) -> bool:
+    return _amx_rule and dtype == torch.bfloat16 and ops.bf16_gemm_hardware() == "AMX"
 
 
 def _training_pack_min_rows(dtype: torch.dtype) -> float:
     """Rows per expert on average from which a training step packs `dtype` expert weights."""
-    if dtype == torch.float32:
+    if dtype == torch.float32 or _on_amx(dtype):
         return float("inf")
     if ops.native_forward_runs(dtype):
         return _C.native_forward_max_rows + 1
@@ -61,6 +76,8 @@ class PackedWeights:
             return None
         key = (w1.dtype, *((p._version, p.untyped_storage()._cdata, p.data_ptr(), tuple(p.shape), p.stride())
                            for p in sources))
+        if not always and _on_amx(w1.dtype) and rows >= AMX_UNPACKED_MIN_ROWS * w1.shape[0]:
+            return None  # oneDNN's AMX GEMMs win at this size; keep any panels for smaller batches
         if self.tensor is not None and self.key == key:
             return self.tensor
         if not always and torch.is_grad_enabled() and any(p.requires_grad for p in sources) and (
