@@ -99,6 +99,14 @@ def peaks_line(peaks: dict | None) -> str:
     return line
 
 
+def bf16_packing_line() -> str:
+    from sparsemoe import cli, ops
+
+    if not ops.packed_kernels_available(torch.bfloat16):
+        return "never packs (no bf16 panels on this CPU)"
+    return cli.bf16_packing_policy()
+
+
 def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float, elapsed_s: float,
                    slow_run_s: float, slow_runs: int) -> str:
     lines = [f"# sparsemoe MoE layer, {args.device.upper()}", ""] + machine_info(args.device) + [
@@ -120,7 +128,8 @@ def write_markdown(path: Path, rows, stages, shapes, cli, args, bandwidth: float
         f"benchmarks/peak_probe.py: {peaks_line(args.peaks)}.",
         "- packed weights: forward rows reuse the layer's packed copy of the expert weights (inference); every "
         "fwd+bwd step of sparsemoe drops it first, as an optimizer step would, so a step that packs pays for "
-        "packing in its time and its peak memory (float32 training runs unpacked, bfloat16 packs).",
+        "packing in its time and its peak memory (float32 training runs unpacked; bfloat16 here: "
+        f"{bf16_packing_line()}).",
         f"- t / t_read (forward, T <= 32): sparsemoe's time over the time to read the router and the hit experts' "
         f"weights once at the bandwidth of a 256 MiB in-process copy_ ({bandwidth / 1e9:.1f} GB/s, read + write "
         "bytes).",
