@@ -366,7 +366,7 @@ def test_float32_training_runs_unpacked_and_bfloat16_training_packs_where_it_pay
             torch.testing.assert_close(a.grad, b.grad, rtol=3e-2, atol=3e-2, msg=name)
 
 
-@pytest.mark.skipif(not ops.packed_kernels_available(torch.bfloat16), reason="bf16 packs nowhere here")
+@pytest.mark.skipif(not ops.packed_kernels_available(torch.bfloat16), reason="needs bf16 packed weights: a CPU with a native bf16 micro-kernel (AVX512-BF16, AMX) or with no bf16 GEMMs at all, and oneDNN's micro-kernel in torch")
 def test_bfloat16_forward_runs_unpacked_on_amx_from_512_rows_per_expert():
     layer, plain = twin_layers(torch.bfloat16)
     same_output(layer, plain, torch.randn(20, 32).bfloat16())
